@@ -1,0 +1,47 @@
+"""Worker for an MPI job: ``mpiexec -n N python -m executorlib.backend.interactive_parallel``.
+
+Rank 0 talks to the executor and broadcasts each message; every rank runs the call;
+rank 0 sends back the list of per-rank results, or the first failing rank's exception.
+"""
+
+import os
+import pickle
+
+from mpi4py import MPI
+
+from executorlib.interactive import protocol
+from executorlib.interactive.worker import Preload, connect_from_argv, run_call, serve
+
+COMM = MPI.COMM_WORLD
+
+
+def run_on_this_rank(preload: Preload, payload: list) -> bytes:
+    """Run the broadcast message here; the outcome is pickled by this rank itself,
+    so an unpicklable result cannot break the collective."""
+    try:
+        return protocol.to_bytes(run_call(preload, protocol.loads(payload)))
+    except BaseException as exception:
+        where = f"MPI rank {COMM.Get_rank()} of {COMM.Get_size()} on {MPI.Get_processor_name()}"
+        return b"".join(protocol.dumps_failure(exception, where)[:1])
+
+
+def run_everywhere(preload: Preload, frames: list) -> list | protocol.Failure:
+    """Rank 0: broadcast, run, gather; the first failing rank's Failure wins."""
+    payload = COMM.bcast([bytes(frame.buffer) for frame in frames])
+    outcomes = [pickle.loads(o) for o in COMM.gather(run_on_this_rank(preload, payload))]
+    failures = [o for o in outcomes if isinstance(o, protocol.Failure)]
+    return failures[0] if failures else outcomes
+
+
+def main() -> None:
+    preload = Preload()
+    if COMM.Get_rank() == 0:
+        serve(connect_from_argv(), lambda frames: run_everywhere(preload, frames), lambda: os._exit(1))
+        COMM.bcast(None)  # tells the other ranks to stop
+        return
+    while (payload := COMM.bcast(None)) is not None:
+        COMM.gather(run_on_this_rank(preload, payload))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,16 @@
+"""Worker for one process: ``python -m executorlib.backend.interactive_serial ADDRESS ID``."""
+
+import os
+
+from executorlib.interactive import protocol
+from executorlib.interactive.worker import Preload, connect_from_argv, run_call, serve
+
+
+def main() -> None:
+    connection = connect_from_argv()
+    preload = Preload()
+    serve(connection, lambda frames: run_call(preload, protocol.loads(frames)), lambda: os._exit(1))
+
+
+if __name__ == "__main__":
+    main()

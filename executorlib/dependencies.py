@@ -1,0 +1,193 @@
+"""Futures as arguments: find them, wait for them by callback, put their results in.
+
+A future may sit anywhere in the arguments, nested in lists, tuples and dicts. The
+dependent call is released by ``add_done_callback`` when its last input finishes; if an
+input fails, the dependent fails at once with that exception; if an input is cancelled,
+the dependent is cancelled. No thread waits and nothing polls.
+
+The graph of submitted calls (for ``plot_dependency_graph``) is kept here as well.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Callable
+from concurrent.futures import CancelledError, Future, InvalidStateError
+from typing import Any
+
+
+def find_futures(value: Any) -> list[Future]:
+    """Every future inside ``value`` (depth-first, in argument order)."""
+    found: list[Future] = []
+    _collect(value, found)
+    return found
+
+
+def _collect(value: Any, found: list[Future]) -> None:
+    if isinstance(value, Future):
+        found.append(value)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _collect(item, found)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _collect(item, found)
+
+
+def substitute(value: Any) -> Any:
+    """``value`` with every (finished) future replaced by its result; containers rebuilt,
+    so the caller's own lists and dicts are never changed."""
+    if isinstance(value, Future):
+        return value.result()
+    if isinstance(value, dict):
+        items = {key: substitute(item) for key, item in value.items()}
+        return items if type(value) is dict else _refill(value, items)
+    if isinstance(value, list):
+        items = [substitute(item) for item in value]
+        return items if type(value) is list else _refill(value, items)
+    if isinstance(value, tuple):
+        items = [substitute(item) for item in value]
+        if hasattr(value, "_fields"):  # named tuple
+            return type(value)(*items)
+        return tuple(items) if type(value) is tuple else type(value)(items)
+    return value
+
+
+def _refill(container: Any, items: Any) -> Any:
+    """A copy of a dict or list subclass (OrderedDict, defaultdict, ...) holding ``items``."""
+    clone = copy.copy(container)
+    clone.clear()
+    clone.update(items) if isinstance(clone, dict) else clone.extend(items)
+    return clone
+
+
+def when_resolved(
+    inputs: list[Future], dependent: Future, release: Callable[[], None]
+) -> None:
+    """Call ``release()`` once every input succeeded; fail or cancel ``dependent`` as
+    soon as one input fails or is cancelled. ``release`` runs in the thread that
+    finished the last input."""
+    remaining = len(inputs)
+    lock = threading.Lock()
+    settled = False
+
+    def on_done(future: Future) -> None:
+        nonlocal remaining, settled
+        problem = _problem(future)
+        with lock:
+            if settled:
+                return
+            remaining -= 1
+            settled = problem is not None or remaining == 0
+            if not settled:
+                return
+        if problem is None:
+            release()
+        elif isinstance(problem, CancelledError):
+            dependent.cancel()
+        else:
+            settle(dependent, exception=problem)
+
+    for future in inputs:
+        future.add_done_callback(on_done)
+
+
+def _problem(future: Future) -> BaseException | None:
+    if future.cancelled():
+        return CancelledError("an input of this call was cancelled")
+    return future.exception()
+
+
+def settle(future: Future, result: Any = None, exception: BaseException | None = None) -> None:
+    """Resolve ``future`` unless it is already resolved (e.g. cancelled by the user)."""
+    try:
+        if exception is not None:
+            future.set_exception(exception)
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        pass
+
+
+class DependencyGraph:
+    """Calls as nodes (named after their function), future arguments as edges."""
+
+    def __init__(self) -> None:
+        self.nodes: list[str] = []
+        self.edges: list[tuple[int, int]] = []
+        self._ids: dict[int, int] = {}
+        self._futures: list[Future] = []  # keep ids of futures stable while recorded
+
+    def add(self, name: str, future: Future, inputs: list[Future]) -> None:
+        node = len(self.nodes)
+        self.nodes.append(name)
+        for source in inputs:
+            if id(source) not in self._ids:  # a future from elsewhere: a node of its own
+                self._ids[id(source)] = len(self.nodes)
+                self.nodes.append("future")
+                self._futures.append(source)
+            self.edges.append((self._ids[id(source)], node))
+        self._ids[id(future)] = node
+        self._futures.append(future)
+
+    def draw(self, filename: str | None) -> str | None:
+        """Draw to ``filename`` (PNG, SVG, PDF by extension), or inline in Jupyter.
+
+        Returns the file written, or None when shown inline.
+        """
+        try:
+            import matplotlib
+
+            if filename is not None or not _in_jupyter():
+                matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+            import networkx as nx
+        except ImportError as error:
+            raise ImportError(
+                "plot_dependency_graph needs networkx and matplotlib: "
+                "pip install 'executorlib[graph]'"
+            ) from error
+        graph = nx.DiGraph()
+        graph.add_nodes_from((i, {"label": f"{name}"}) for i, name in enumerate(self.nodes))
+        graph.add_edges_from(self.edges)
+        figure, axes = plt.subplots(figsize=(max(4, len(self.nodes) ** 0.5 * 2.5),) * 2)
+        layout = _layered_layout(graph)
+        nx.draw_networkx(
+            graph, layout, ax=axes, labels=nx.get_node_attributes(graph, "label"),
+            node_color="#cfe2f3", node_size=1600, font_size=8, arrows=True,
+        )
+        axes.set_axis_off()
+        if filename is None and _in_jupyter():
+            plt.show()
+            return None
+        filename = filename or "dependency_graph.png"
+        figure.savefig(filename, bbox_inches="tight")
+        plt.close(figure)
+        return filename
+
+
+def _layered_layout(graph: Any) -> dict:
+    """Sources on top, each call one layer below its deepest input."""
+    import networkx as nx
+
+    depth: dict[int, int] = {}
+    for node in nx.topological_sort(graph):
+        depth[node] = max((depth[p] + 1 for p in graph.predecessors(node)), default=0)
+    rows: dict[int, list[int]] = {}
+    for node, level in depth.items():
+        rows.setdefault(level, []).append(node)
+    return {
+        node: (column - (len(members) - 1) / 2, -level)
+        for level, members in rows.items()
+        for column, node in enumerate(members)
+    }
+
+
+def _in_jupyter() -> bool:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"

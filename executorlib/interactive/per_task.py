@@ -1,0 +1,97 @@
+"""One worker per call: every call gets a fresh process, within a budget of cores.
+
+Calls start in submission order while ``sum(cores * threads_per_core) <= max_cores``;
+the rest wait in the queue (the manager thread sleeps in its poll; nothing spins). While
+cores are free and nothing waits, one spare worker with the executor's default resources
+is started ahead, so the next call finds a process that has already booted; a spare
+still serves exactly one call. Cores are released when a worker's process has ended.
+"""
+
+from __future__ import annotations
+
+from executorlib.interactive import protocol
+from executorlib.interactive.scheduler import ResultCache, Scheduler, Spawner, Worker
+from executorlib.resources import Resources
+from executorlib.task import Task
+
+
+class PerTaskScheduler(Scheduler):
+    """Start one worker for each call; at most ``max_cores`` cores in use."""
+
+    def __init__(
+        self, spawner: Spawner, default: Resources, max_cores: int,
+        host: str | None = None, cache: ResultCache | None = None, spare: bool = True,
+    ) -> None:
+        super().__init__(spawner, host, cache)
+        self._default = default
+        self._max_cores = max_cores
+        self._used = 0
+        self._spare: Worker | None = None
+        self._keep_spare = spare
+
+    def _schedule(self) -> None:
+        while self._pending:
+            task = self._pending[0]
+            if task.future.cancelled():
+                self._pending.popleft()
+            elif self._spare is not None and self._spare.resources == task.resources:
+                self._pending.popleft()
+                self._run_on_spare(task)
+            elif self._used + task.resources.slots <= self._max_cores:
+                self._pending.popleft()
+                self._start_for(task)
+            else:
+                if self._spare is not None:  # its cores are needed for a real call
+                    self._spare.process.stop()
+                    self._spare = None
+                return
+        self._start_spare()
+
+    def _start_for(self, task: Task) -> None:
+        if not task.future.set_running_or_notify_cancel():
+            return
+        self._used += task.resources.slots
+        if self._spawn(task.resources, task) is None:
+            self._used -= task.resources.slots
+
+    def _run_on_spare(self, task: Task) -> None:
+        worker, self._spare = self._spare, None
+        if not task.future.set_running_or_notify_cancel():
+            self._spare = worker
+            return
+        worker.task = task
+        if worker.peer is not None:
+            self._dispatch(worker)
+
+    def _start_spare(self) -> None:
+        if (
+            self._keep_spare and self._spare is None and not self._stopping
+            and self._used + self._default.slots <= self._max_cores
+        ):
+            self._used += self._default.slots
+            self._spare = self._spawn(self._default)
+            if self._spare is None:
+                self._used -= self._default.slots
+                self._keep_spare = False  # the launcher fails; real calls will report why
+
+    def _dispatch(self, worker: Worker) -> None:
+        task, worker.task = worker.task, None
+        if not self._send_call(worker, task):
+            worker.stopping = True
+            worker.process.stop()
+
+    def _on_connected(self, worker: Worker) -> None:
+        if worker.task is not None:
+            self._dispatch(worker)
+
+    def _on_ready(self, worker: Worker) -> None:
+        """Workers of this scheduler get no init_function."""
+
+    def _on_task_done(self, worker: Worker) -> None:
+        worker.stopping = True
+        self._socket.send(worker.peer, protocol.STOP)
+
+    def _on_worker_gone(self, worker: Worker) -> None:
+        self._used -= worker.resources.slots
+        if worker is self._spare:
+            self._spare = None

@@ -1,0 +1,337 @@
+"""The manager thread shared by block allocation and one-worker-per-call.
+
+Data flow::
+
+    submit() ── Task ──> inbox (deque) ──wake(eventfd)──┐
+    input futures done ─ callback ─> inbox ─────────────┤
+                                                        v
+       manager thread: ONE zmq poll over  [ROUTER socket, wake eventfd,
+                                            every worker's pidfd + stderr pipe]
+         inbox   -> cache lookup -> pending (FIFO) -> policy picks/starts a worker
+         ROUTER  -> HELLO / READY / RESULT / FAILURE  -> futures resolved here
+         pidfd   -> worker ended: its call fails with exit code/signal + stderr tail
+
+Subclasses (pool.py, per_task.py) decide which worker runs what; this module owns the
+loop, the workers' bookkeeping and every way a call can end. The loop sleeps in one poll
+and is woken by events only; the only timeout is the grace period for workers to exit.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import zmq
+
+from executorlib.dependencies import settle, substitute, when_resolved
+from executorlib.errors import WorkerDiedError, with_remote_traceback
+from executorlib.interactive import protocol
+from executorlib.interactive.channel import ExecutorSocket, Peer
+from executorlib.interactive.spawner import Launch, WorkerProcess
+from executorlib.resources import Resources
+from executorlib.task import Task
+
+_EXIT_GRACE_MS = 5_000
+_LIVE: weakref.WeakSet[Scheduler] = weakref.WeakSet()
+
+
+class Spawner(Protocol):
+    """Starts workers: local processes, srun steps, Flux jobs."""
+
+    bind_host: str
+    name: str
+
+    def start(self, launch: Launch) -> WorkerProcess: ...
+
+
+class ResultCache(Protocol):
+    """Optional result cache between "inputs ready" and "run" (see cache.py)."""
+
+    def load(self, task: Task) -> bool: ...
+
+    def store(self, task: Task, value: Any) -> None: ...
+
+
+@dataclass(eq=False)
+class Worker:
+    """The manager's view of one worker process."""
+
+    worker_id: int
+    resources: Resources
+    process: WorkerProcess
+    peer: Peer | None = None
+    task: Task | None = None
+    ready: bool = False  # connected, and init_function done where there is one
+    stopping: bool = False
+
+    def describe(self) -> str:
+        where = f" on {self.peer.host} (pid {self.peer.pid})" if self.peer else ""
+        return f"worker {self.worker_id}{where}"
+
+
+@dataclass
+class _Inbox:
+    """Events for the manager thread, from any thread."""
+
+    items: deque = field(default_factory=deque)
+    fd: int = field(default_factory=lambda: os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
+
+
+class Scheduler:
+    """Runs tasks on workers from one manager thread. Thread-safe ``submit``/``shutdown``."""
+
+    def __init__(self, spawner: Spawner, host: str | None = None, cache: ResultCache | None = None) -> None:
+        self._spawner = spawner
+        self._cache = cache
+        self._secret = os.urandom(32)
+        self._socket = ExecutorSocket(host or spawner.bind_host, self._secret)
+        self._inbox = _Inbox()
+        self._pending: deque[Task] = deque()
+        self._workers: dict[int, Worker] = {}
+        self._fd_owner: dict[int, Worker] = {}
+        self._next_worker_id = 0
+        self._waiting: set[Task] = set()  # tasks whose input futures are not done yet
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._poller = zmq.Poller()
+        self._poller.register(self._socket.socket, zmq.POLLIN)
+        self._poller.register(self._inbox.fd, zmq.POLLIN)
+        self._thread = threading.Thread(target=self._run, name="executorlib-manager", daemon=True)
+        _LIVE.add(self)
+
+    # ----------------------------------------------------------------- any thread
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, task: Task, inputs: list | None = None) -> None:
+        """Queue ``task``; with ``inputs`` (futures), only once they all succeeded."""
+        if not inputs:
+            self._post(task)
+            return
+        with self._lock:
+            self._waiting.add(task)
+        task.future.add_done_callback(lambda _: self._forget_waiting(task))
+        when_resolved(inputs, task.future, lambda: self._release(task))
+
+    def shutdown(self, wait: bool, cancel_futures: bool) -> None:
+        """Finish (or cancel) what was submitted, then stop every worker."""
+        if cancel_futures:
+            with self._lock:
+                waiting = list(self._waiting)
+            for task in waiting:
+                task.future.cancel()
+        self._post(("stop", cancel_futures))
+        if wait and self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    def _release(self, task: Task) -> None:
+        task.args, task.kwargs = substitute(task.args), substitute(task.kwargs)
+        self._post(task)
+        self._forget_waiting(task)
+
+    def _forget_waiting(self, task: Task) -> None:
+        with self._lock:
+            self._waiting.discard(task)
+        self._wake()
+
+    def _post(self, item: Any) -> None:
+        self._inbox.items.append(item)
+        self._wake()
+
+    def _wake(self) -> None:
+        if threading.current_thread() is not self._thread:
+            os.eventfd_write(self._inbox.fd, 1)
+
+    # ------------------------------------------------------------ manager thread
+    def _run(self) -> None:
+        try:
+            while True:
+                self._take_inbox()
+                self._schedule()
+                if self._stopping and self._drained():
+                    if not self._workers:
+                        return
+                    self._stop_idle_workers()
+                timeout = _EXIT_GRACE_MS if self._stopping and self._drained() else None
+                events = self._poller.poll(timeout)
+                if not events and timeout is not None:
+                    self._kill_all()  # workers that did not exit within the grace period
+                for source, _ in events:
+                    self._handle(source)
+        except BaseException as error:  # a bug here must not leave futures pending forever
+            self._fail_everything(error)
+            raise
+        finally:
+            self._close()
+
+    def _handle(self, source: Any) -> None:
+        if source is self._socket.socket:
+            while message := self._socket.receive():
+                self._on_message(*message)
+        elif source == self._inbox.fd:
+            os.eventfd_read(self._inbox.fd)
+        elif (worker := self._fd_owner.get(source)) is not None:
+            if worker.process.on_readable(source):
+                self._on_exit(worker)
+
+    def _take_inbox(self) -> None:
+        while self._inbox.items:
+            item = self._inbox.items.popleft()
+            if isinstance(item, Task):
+                if self._cache is None or not self._cache.load(item):
+                    self._pending.append(item)
+            else:
+                self._stopping = True
+                if item[1]:  # cancel_futures
+                    for task in self._pending:
+                        task.future.cancel()
+                    self._pending.clear()
+
+    def _drained(self) -> bool:
+        with self._lock:
+            waiting = bool(self._waiting)
+        busy = any(worker.task for worker in self._workers.values())
+        return not (waiting or self._pending or self._inbox.items or busy)
+
+    # -------------------------------------------------------------- workers
+    def _spawn(self, resources: Resources, task: Task | None = None) -> Worker | None:
+        """Start a worker; on failure fail ``task`` (if given) with the launcher's error."""
+        worker_id, self._next_worker_id = self._next_worker_id, self._next_worker_id + 1
+        launch = Launch(self._socket.address, worker_id, resources, self._secret)
+        try:
+            process = self._spawner.start(launch)
+        except Exception as error:
+            if task is not None:
+                settle(task.future, exception=error)
+            self._on_start_failure(error)
+            return None
+        worker = Worker(worker_id, resources, process, task=task)
+        self._workers[worker_id] = worker
+        for fd in process.fds():
+            self._fd_owner[fd] = worker
+            self._poller.register(fd, zmq.POLLIN)
+        return worker
+
+    def _send_call(self, worker: Worker, task: Task) -> bool:
+        """Hand ``task`` to ``worker``; False (future failed) if it cannot be pickled."""
+        try:
+            frames = protocol.dumps(protocol.Call(task.fn, task.args, task.kwargs), by_value=True)
+        except Exception as error:
+            settle(task.future, exception=TypeError(
+                f"cannot send the call of {task.name} to a worker: its function or arguments "
+                f"cannot be pickled ({type(error).__name__}: {error})"
+            ))
+            return False
+        worker.task = task
+        self._socket.send(worker.peer, protocol.CALL, frames)
+        return True
+
+    def _on_message(self, peer: Peer, kind: bytes, frames: list) -> None:
+        worker = self._workers.get(peer.worker_id)
+        if worker is None:
+            return
+        if kind == protocol.HELLO:
+            worker.peer = peer
+            self._on_connected(worker)
+        elif kind == protocol.READY:
+            self._on_ready(worker)
+        elif kind in (protocol.RESULT, protocol.FAILURE):
+            task, worker.task = worker.task, None
+            self._resolve(task, kind, frames)
+            self._on_task_done(worker)
+
+    def _resolve(self, task: Task, kind: bytes, frames: list) -> None:
+        try:
+            value = protocol.loads(frames)
+        except Exception as error:
+            settle(task.future, exception=RuntimeError(
+                f"the result of {task.name} arrived but could not be unpickled here: {error!r}"
+            ))
+            return
+        if kind == protocol.FAILURE:
+            settle(task.future, exception=with_remote_traceback(value.exception, value.traceback))
+            return
+        if self._cache is not None:
+            self._cache.store(task, value)
+        settle(task.future, result=value)
+
+    def _on_exit(self, worker: Worker) -> None:
+        for fd in list(self._fd_owner):
+            if self._fd_owner[fd] is worker:
+                del self._fd_owner[fd]
+                self._poller.unregister(fd)
+        del self._workers[worker.worker_id]
+        if worker.peer is not None:
+            self._socket.forget(worker.peer)
+        task, worker.task = worker.task, None
+        if task is not None:
+            settle(task.future, exception=self._death_error(worker, task))
+        self._on_worker_gone(worker)
+
+    def _death_error(self, worker: Worker, task: Task) -> WorkerDiedError:
+        stage = "while running" if worker.peer else "before it could run"
+        return WorkerDiedError(
+            f"{worker.describe()} ({self._spawner.name}) ended {stage} {task.name}: "
+            f"{worker.process.how_it_ended()}"
+        )
+
+    def _stop_idle_workers(self) -> None:
+        for worker in self._workers.values():
+            if worker.stopping:
+                continue
+            worker.stopping = True
+            if worker.peer is not None:
+                self._socket.send(worker.peer, protocol.STOP)
+            else:
+                worker.process.stop()  # still starting: nothing to finish
+
+    def _kill_all(self) -> None:
+        for worker in self._workers.values():
+            worker.process.stop()
+
+    def _fail_everything(self, error: BaseException) -> None:
+        tasks = [w.task for w in self._workers.values() if w.task] + list(self._pending)
+        tasks += [t for t in self._inbox.items if isinstance(t, Task)]
+        for task in tasks:
+            settle(task.future, exception=RuntimeError(f"executorlib's manager thread failed: {error!r}"))
+        self._kill_all()
+
+    def _close(self) -> None:
+        _LIVE.discard(self)
+        self._socket.close()
+        os.close(self._inbox.fd)
+
+    # ------------------------------------------------ policy: for subclasses
+    def _schedule(self) -> None:
+        """Start pending tasks on workers as the policy allows."""
+        raise NotImplementedError
+
+    def _on_connected(self, worker: Worker) -> None:
+        raise NotImplementedError
+
+    def _on_ready(self, worker: Worker) -> None:
+        raise NotImplementedError
+
+    def _on_task_done(self, worker: Worker) -> None:
+        raise NotImplementedError
+
+    def _on_worker_gone(self, worker: Worker) -> None:
+        raise NotImplementedError
+
+    def _on_start_failure(self, error: Exception) -> None:
+        """A spawner raised while starting a worker (the task, if any, already failed)."""
+
+
+def _stop_all_at_exit() -> None:
+    """At interpreter exit, finish what was submitted and stop every worker (like the
+    standard library's pools), so no worker outlives a script that never called
+    ``shutdown()``."""
+    for scheduler in list(_LIVE):
+        scheduler.shutdown(wait=True, cancel_futures=False)
+
+
+threading._register_atexit(_stop_all_at_exit)  # type: ignore[attr-defined]

@@ -1,0 +1,103 @@
+"""The worker's half of the protocol: connect, run calls, send back what they gave.
+
+Used by ``python -m executorlib.backend.interactive_serial`` (one process) and, on
+MPI rank 0, by ``interactive_parallel``. Imports nothing the worker does not need.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from executorlib.interactive import protocol
+from executorlib.interactive.channel import WorkerConnection
+
+CONNECT_TIMEOUT_ENV = "EXECUTORLIB_CONNECT_TIMEOUT"
+# What runs a Call on this worker: one process, or every MPI rank (returning a list).
+Runner = Callable[[list], Any]
+
+
+def connect_from_argv() -> WorkerConnection:
+    """Connect to the executor named in ``argv``; the secret comes from the environment."""
+    address, worker_id = sys.argv[1], int(sys.argv[2])
+    secret = bytes.fromhex(os.environ.pop(protocol.SECRET_ENV))
+    timeout_s = float(os.environ.get(CONNECT_TIMEOUT_ENV, "60"))
+    try:
+        return WorkerConnection(address, secret, worker_id, timeout_s)
+    except (ConnectionError, TimeoutError) as error:
+        host = os.uname().nodename
+        sys.exit(
+            f"executorlib worker {worker_id} on {host}: {error}. If this worker runs on another "
+            "node than the executor, do not use hostname_localhost=True."
+        )
+
+
+def serve(connection: WorkerConnection, run: Runner, on_lost: Callable[[], None]) -> None:
+    """Answer INIT and CALL messages until STOP; ``on_lost`` if the executor vanishes."""
+    connection.watch_executor(on_lost)
+    while True:
+        kind, frames = connection.receive()
+        if kind == protocol.STOP:
+            return
+        try:
+            value = run(frames)
+        except BaseException as exception:  # the function's error travels back by value
+            connection.send(protocol.FAILURE, protocol.dumps_failure(exception))
+            continue
+        if isinstance(value, protocol.Failure):  # an MPI rank failed
+            connection.send(protocol.FAILURE, protocol.dumps(value))
+        elif kind == protocol.INIT:
+            connection.send(protocol.READY)
+        else:
+            _send_result(connection, value)
+
+
+def _send_result(connection: WorkerConnection, value: Any) -> None:
+    try:
+        reply = protocol.dumps(value)
+    except Exception as error:
+        failure = TypeError(f"the function's result could not be pickled: {error}")
+        connection.send(protocol.FAILURE, protocol.dumps_failure(failure))
+        return
+    connection.send(protocol.RESULT, reply)
+
+
+class Preload:
+    """Keyword arguments that ``init_function`` returned, given to calls that declare them."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+        self._names: dict[Any, frozenset[str]] = {}
+
+    def set(self, values: Any) -> None:
+        if not isinstance(values, dict):
+            raise TypeError(f"init_function must return a dict, it returned {type(values).__name__}")
+        self.values = values
+
+    def fill(self, call: protocol.Call) -> dict:
+        """``call.kwargs`` plus the preloaded values for parameters ``call.fn`` declares."""
+        if not self.values:
+            return call.kwargs
+        names = self._declared(call.fn)
+        extra = {k: v for k, v in self.values.items() if k in names and k not in call.kwargs}
+        return {**extra, **call.kwargs} if extra else call.kwargs
+
+    def _declared(self, fn: Callable) -> frozenset[str]:
+        key = getattr(fn, "__code__", fn)
+        if key not in self._names:
+            try:
+                self._names[key] = frozenset(inspect.signature(fn).parameters)
+            except (TypeError, ValueError):
+                self._names[key] = frozenset()
+        return self._names[key]
+
+
+def run_call(preload: Preload, message: Any) -> Any:
+    """Run one decoded INIT function or Call in this process."""
+    if isinstance(message, protocol.Call):
+        return message.fn(*message.args, **preload.fill(message))
+    preload.set(message())
+    return None
