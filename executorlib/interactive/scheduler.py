@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import zmq
 
 from executorlib.dependencies import settle, substitute, when_resolved
-from executorlib.errors import WorkerDiedError, with_remote_traceback
+from executorlib.errors import ExecutorShutdownError, WorkerDiedError, with_remote_traceback
 from executorlib.interactive import protocol
 from executorlib.interactive.channel import ExecutorSocket, Peer
 from executorlib.interactive.spawner import Launch, WorkerProcess
@@ -97,6 +97,7 @@ class Scheduler:
         self._waiting: set[Task] = set()  # tasks whose input futures are not done yet
         self._lock = threading.Lock()
         self._stopping = False
+        self._closed = False
         self._poller = zmq.Poller()
         self._poller.register(self._socket.socket, zmq.POLLIN)
         self._poller.register(self._inbox.fd, zmq.POLLIN)
@@ -139,12 +140,20 @@ class Scheduler:
         self._wake()
 
     def _post(self, item: Any) -> None:
-        self._inbox.items.append(item)
+        with self._lock:
+            if self._closed:  # the manager has ended: nothing may wait for it
+                if isinstance(item, Task):
+                    settle(item.future, exception=ExecutorShutdownError(
+                        f"{item.name} arrived after the executor had shut down"
+                    ))
+                return
+            self._inbox.items.append(item)
         self._wake()
 
     def _wake(self) -> None:
-        if threading.current_thread() is not self._thread:
-            os.eventfd_write(self._inbox.fd, 1)
+        with self._lock:
+            if not self._closed and threading.current_thread() is not self._thread:
+                os.eventfd_write(self._inbox.fd, 1)
 
     # ------------------------------------------------------------ manager thread
     def _run(self) -> None:
@@ -302,8 +311,10 @@ class Scheduler:
 
     def _close(self) -> None:
         _LIVE.discard(self)
+        with self._lock:
+            self._closed = True
+            os.close(self._inbox.fd)
         self._socket.close()
-        os.close(self._inbox.fd)
 
     # ------------------------------------------------ policy: for subclasses
     def _schedule(self) -> None:

@@ -80,7 +80,7 @@ class WorkerProcess:
     def how_it_ended(self) -> str:
         """E.g. 'exit code 1' or 'signal SIGKILL (9)', plus the last lines of stderr."""
         text = describe_exit(self.popen.returncode)
-        lines = self._tail.decode(errors="replace").strip().splitlines()[-15:]
+        lines = self._tail.decode(errors="replace").strip().splitlines()[-30:]
         return text + ("; last lines of its stderr:\n    " + "\n    ".join(lines) if lines else "")
 
     def stop(self) -> None:
