@@ -1,0 +1,146 @@
+"""The HDF5 result cache through the public API: real files, real workers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from executorlib import Executor, get_cache_data, get_future_from_cache
+
+
+def record_and_add(marker, a, b=0):
+    with open(marker, "a") as file:
+        file.write(f"{a},{b}\n")
+    return a + b
+
+
+def record_and_fail(marker):
+    with open(marker, "a") as file:
+        file.write("ran\n")
+    raise ValueError("not cached")
+
+
+def big_array(n):
+    return np.arange(n, dtype=np.float64)
+
+
+def runs(marker) -> int:
+    return len(open(marker).read().splitlines()) if os.path.exists(marker) else 0
+
+
+def h5_files(directory) -> list[str]:
+    return sorted(name for name in os.listdir(directory) if name.endswith(".h5"))
+
+
+def test_second_run_is_served_from_files_without_a_worker(tmp_path):
+    marker, cache = str(tmp_path / "marker"), str(tmp_path / "cache")
+    for _ in range(2):
+        with Executor(cache_directory=cache) as exe:
+            futures = [exe.submit(record_and_add, marker, i, b=i) for i in range(1, 4)]
+            assert [f.result(timeout=60) for f in futures] == [2, 4, 6]
+    assert runs(marker) == 3
+    assert len(h5_files(cache)) == 3
+    assert all(name.startswith("record_and_add_") for name in h5_files(cache))
+
+
+def test_resolved_dependency_values_make_the_key(tmp_path):
+    marker, cache = str(tmp_path / "marker"), str(tmp_path / "cache")
+    with Executor(cache_directory=cache) as exe:
+        first = exe.submit(record_and_add, marker, 1, 1)
+        assert exe.submit(record_and_add, marker, first, 1).result(timeout=60) == 3
+        assert exe.submit(record_and_add, marker, 2, 1).result(timeout=60) == 3  # same call
+        assert exe.submit(record_and_add, marker, 2, 2).result(timeout=60) == 4
+    assert runs(marker) == 3
+
+
+def test_corrupt_file_is_reported_recomputed_and_overwritten(tmp_path):
+    marker, cache = str(tmp_path / "marker"), str(tmp_path / "cache")
+    with Executor(cache_directory=cache) as exe:
+        assert exe.submit(record_and_add, marker, 5).result(timeout=60) == 5
+    (name,) = h5_files(cache)
+    path = os.path.join(cache, name)
+    with open(path, "r+b") as file:
+        file.truncate(os.path.getsize(path) // 2)
+    with Executor(cache_directory=cache) as exe, pytest.warns(RuntimeWarning, match=name):
+        assert exe.submit(record_and_add, marker, 5).result(timeout=60) == 5
+    assert runs(marker) == 2
+    with Executor(cache_directory=cache) as exe:
+        assert exe.submit(record_and_add, marker, 5).result(timeout=60) == 5
+    assert runs(marker) == 2
+
+
+def test_errors_are_not_cached(tmp_path):
+    marker, cache = str(tmp_path / "marker"), str(tmp_path / "cache")
+    for _ in range(2):
+        with Executor(cache_directory=cache) as exe, pytest.raises(ValueError, match="not cached"):
+            exe.submit(record_and_fail, marker).result(timeout=60)
+    assert runs(marker) == 2
+    assert h5_files(cache) == []
+
+
+def test_cache_key_names_the_file_and_get_future_from_cache(tmp_path):
+    marker, cache = str(tmp_path / "marker"), str(tmp_path / "cache")
+    with Executor(cache_directory=cache) as exe:
+        future = exe.submit(record_and_add, marker, 2, 3, resource_dict={"cache_key": "five"})
+        assert future.result(timeout=60) == 5
+        with pytest.raises(ValueError, match="plain file name"):
+            exe.submit(record_and_add, marker, 1, resource_dict={"cache_key": "a/b"}).result(timeout=60)
+    assert h5_files(cache) == ["five.h5"]
+    assert get_future_from_cache(cache, "five").result(timeout=0) == 5
+    with pytest.raises(FileNotFoundError, match="no cached result 'six'"):
+        get_future_from_cache(cache, "six")
+
+
+def test_get_cache_data_is_ready_for_pandas(tmp_path):
+    pandas = pytest.importorskip("pandas")
+    marker, cache = str(tmp_path / "marker"), str(tmp_path / "cache")
+    with Executor(cache_directory=cache) as exe:
+        assert exe.submit(record_and_add, marker, 1, b=2).result(timeout=60) == 3
+        assert exe.submit(big_array, 100_000).result(timeout=60).sum() == sum(range(100_000))
+    frame = pandas.DataFrame(get_cache_data(cache)).sort_values("function")
+    assert list(frame["function"]) == ["big_array", "record_and_add"]
+    row = frame.iloc[1]
+    assert row["args"] == (marker, 1) and row["kwargs"] == {"b": 2} and row["result"] == 3
+    assert row["error"] is None and row["runtime"] > 0 and row["resources"]["cores"] == 1
+    assert os.path.basename(row["filename"]).startswith("record_and_add_")
+    assert np.array_equal(frame.iloc[0]["result"], big_array(100_000))  # > 64 kB: a dataset
+
+
+SCRIPT = """
+import os, sys
+from executorlib import Executor
+
+SCALE = 10
+
+def scaled(marker, values, options):
+    with open(marker, "a") as file:
+        file.write("ran\\n")
+    return max(map(len, values)) * SCALE + options["offset"]
+
+if __name__ == "__main__":
+    marker, cache = sys.argv[1], sys.argv[2]
+    with Executor(cache_directory=cache) as exe:
+        future = exe.submit(scaled, marker, {"x", "yy", "zzz"}, {"offset": 1})
+        words = exe.submit(lambda s: "".join(sorted(s)), {"alpha", "beta", "gamma", "delta"})
+        print(future.result(), words.result())
+"""
+
+
+@pytest.mark.timeout(120)
+def test_key_is_stable_across_processes_for_main_functions(tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(SCRIPT))
+    marker, cache = str(tmp_path / "marker"), str(tmp_path / "cache")
+    for seed in ("1", "2"):  # different str hashes: set order differs between the runs
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        done = subprocess.run([sys.executable, str(script), marker, cache], env=env,
+                              capture_output=True, text=True, timeout=100)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == ["31", "alphabetadeltagamma"]
+    assert runs(marker) == 1
+    assert len(h5_files(cache)) == 2
