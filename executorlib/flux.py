@@ -31,6 +31,7 @@ from executorlib.interactive.spawner import Launch, worker_argv, worker_environm
 from executorlib.resources import Resources
 
 _STDERR_TAIL_BYTES = 4096
+_SUBMIT_WAIT_S = 60  # how long stop() waits for a submission in flight to get its job id
 _MAX_URGENCY = 31  # Flux urgency: 0 holds a job, 16 is the default, 31 expedites it
 _INSTALL_HINT = (
     "pip install 'executorlib[flux]' (the flux-python bindings) together with a flux-core "
@@ -201,7 +202,8 @@ class FluxJob:
 
     def note_job_id(self, job_id: Any) -> None:
         """Record the job id once Flux has assigned it (called from Flux's thread)."""
-        self.job_id = str(job_id)
+        if job_id is not None:
+            self.job_id = str(job_id)  # a flux.job.JobID prints as its f58 form, e.g. ƒ2mGTx3
 
     def note_finish(self, wait_status: int) -> None:
         """Record the wait status of the job's ``finish`` event."""
@@ -323,7 +325,7 @@ class FluxSpawner:
         os.makedirs(request.cwd, exist_ok=True)
         future = self._submit(request)
         job = FluxJob(future, lambda: self._cancel(future), request.stderr)
-        future.add_jobid_callback(lambda f: job.note_job_id(f.jobid()))
+        future.add_jobid_callback(lambda f: job.note_job_id(_job_id(f, 0)))
         future.add_event_callback("finish", lambda _, event: job.note_finish(event.context["status"]))
         return job
 
@@ -353,9 +355,8 @@ class FluxSpawner:
     def _cancel(self, future: Future) -> None:
         if future.cancel():  # not submitted yet
             return
-        try:
-            job_id = future.jobid()
-        except Exception:  # the submission itself failed: there is no job to stop
+        job_id = _job_id(future, _SUBMIT_WAIT_S)
+        if job_id is None:  # the submission failed or never finished: no job to stop
             return
         with contextlib.suppress(OSError):  # the job ended meanwhile: nothing to stop
             self._flux.job.cancel(self.handle(), job_id, "stopped by executorlib")
@@ -364,6 +365,14 @@ class FluxSpawner:
         """Shut down the FluxExecutor this spawner created (never a user's)."""
         if self._own_executor and self._executor is not None:
             self._executor.shutdown(wait=False)
+
+
+def _job_id(future: Any, timeout: float) -> Any:
+    """The Flux future's job id, or None where the job was never submitted."""
+    try:
+        return future.jobid(timeout)
+    except Exception:  # CancelledError, the submission's error, or a timeout
+        return None
 
 
 # ------------------------------------------------------------------- the executor
