@@ -1,0 +1,156 @@
+"""Local-backend speed beside the standard library's ProcessPoolExecutor, same run.
+
+    python benchmarks/bench_local.py [--quick]
+
+Rows: executor start-up (first result), block-allocation throughput (2 workers, no-op
+calls), submit->result round trip, one fresh worker per call (beside the floors
+``python -c pass`` and ``python -c "import zmq, cloudpickle"``), a dependency chain,
+and an echo of a 200 MB array (beside a numpy copy and a pickle round trip).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import pickle
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+
+from executorlib import Executor
+
+
+def noop(x=None):
+    return x
+
+
+def add(a, b):
+    return a + b
+
+
+def timed(fn, repeat: int = 1) -> float:
+    """Median seconds of ``fn()`` over ``repeat`` runs."""
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def startup(make) -> float:
+    def run():
+        with make() as exe:
+            exe.submit(noop).result()
+
+    return timed(run, 3)
+
+
+def throughput(exe, calls: int) -> float:
+    list(exe.map(noop, range(200)))  # warm up
+    start = time.perf_counter()
+    futures = [exe.submit(noop, i) for i in range(calls)]
+    for future in futures:
+        future.result()
+    return calls / (time.perf_counter() - start)
+
+
+def round_trip_us(exe, calls: int) -> float:
+    for _ in range(50):
+        exe.submit(noop).result()
+    samples = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        exe.submit(noop).result()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples) * 1e6
+
+
+def per_call_ms(exe, calls: int) -> float:
+    exe.submit(noop).result()
+    start = time.perf_counter()
+    for _ in range(calls):
+        exe.submit(noop).result()
+    return (time.perf_counter() - start) / calls * 1e3
+
+
+def chain_ms_per_link(exe, links: int, use_futures: bool) -> float:
+    exe.submit(noop).result()
+    start = time.perf_counter()
+    value = 0
+    for i in range(links):
+        value = exe.submit(add, value, 1)
+        if not use_futures:  # the pool cannot take futures: wait for each link
+            value = value.result()
+    if use_futures:
+        value = value.result()
+    assert value == links
+    return (time.perf_counter() - start) / links * 1e3
+
+
+def echo_gbps(exe, array: np.ndarray) -> float:
+    exe.submit(noop, array[:10]).result()
+    seconds = timed(lambda: exe.submit(noop, array).result(), 3)
+    return array.nbytes / seconds / 1e9
+
+
+def command_ms(code: str) -> float:
+    return timed(lambda: subprocess.run([sys.executable, "-c", code], check=True), 7) * 1e3
+
+
+def main() -> None:
+    quick = "--quick" in sys.argv
+    calls, chain, latency_calls, fresh_calls = (400, 60, 200, 5) if quick else (2000, 300, 1000, 20)
+    array = np.random.default_rng(0).random(25_000_000)  # 200 MB
+    spawn = multiprocessing.get_context("spawn")
+    rows: list[tuple[str, str, str, str]] = []
+
+    def block(workers: int = 2):
+        return Executor(max_workers=workers, block_allocation=True)
+
+    rows.append(("executor start-up, first result (ms)",
+                 f"{startup(block) * 1e3:.0f}",
+                 f"{startup(lambda: ProcessPoolExecutor(2, mp_context=spawn)) * 1e3:.0f}", "spawn"))
+    with block() as exe, ProcessPoolExecutor(2) as pool:
+        rows.append((f"block throughput, 2 workers, {calls} calls (tasks/s)",
+                     f"{throughput(exe, calls):,.0f}", f"{throughput(pool, calls):,.0f}", ""))
+    with block(1) as exe, ProcessPoolExecutor(1) as pool:
+        rows.append(("submit->result round trip, median (us)",
+                     f"{round_trip_us(exe, latency_calls):.0f}",
+                     f"{round_trip_us(pool, latency_calls):.0f}", ""))
+    with Executor(max_cores=2) as exe, ProcessPoolExecutor(1, max_tasks_per_child=1) as pool:
+        rows.append(("one fresh worker per call (ms)",
+                     f"{per_call_ms(exe, fresh_calls):.1f}",
+                     f"{per_call_ms(pool, fresh_calls):.1f}", "pool: max_tasks_per_child=1"))
+    rows.append(("  floor: python -c pass (ms)", "", "", f"{command_ms('pass'):.1f}"))
+    rows.append(("  floor: python -c 'import zmq, cloudpickle' (ms)", "", "",
+                 f"{command_ms('import zmq, cloudpickle'):.1f}"))
+    with block() as exe, ProcessPoolExecutor(2) as pool:
+        rows.append((f"dependency chain, {chain} links (ms/link)",
+                     f"{chain_ms_per_link(exe, chain, True):.3f}",
+                     f"{chain_ms_per_link(pool, chain, False):.3f}", "pool: result() per link"))
+    with block(1) as exe, ProcessPoolExecutor(1) as pool:
+        rows.append(("echo of a 200 MB array (GB/s)",
+                     f"{echo_gbps(exe, array):.2f}", f"{echo_gbps(pool, array):.2f}", ""))
+    copy_s = timed(lambda: array.copy(), 5)
+    pickle_s = timed(lambda: pickle.loads(pickle.dumps(array, protocol=5)), 3)
+    rows.append(("  numpy copy / pickle round trip (GB/s)", "", "",
+                 f"{array.nbytes / copy_s / 1e9:.2f} / {array.nbytes / pickle_s / 1e9:.2f}"))
+    print_table(rows)
+
+
+def print_table(rows: list[tuple[str, str, str, str]]) -> None:
+    header = ("measure", "executorlib", "ProcessPool", "note / floor")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+    line = " | ".join(f"{{:{'<' if i in (0, 3) else '>'}{w}}}" for i, w in enumerate(widths))
+    print(line.format(*header))
+    print("-+-".join("-" * w for w in widths))
+    for row in rows:
+        print(line.format(*row))
+
+
+if __name__ == "__main__":
+    main()
