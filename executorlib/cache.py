@@ -36,6 +36,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from executorlib.dependencies import settle
+from executorlib.errors import with_remote_traceback
 from executorlib.interactive.protocol import to_bytes
 from executorlib.task import Task
 
@@ -48,7 +49,7 @@ except ImportError as _error:  # pragma: no cover - depends on the installation
         "pip install 'executorlib[cache]'"
     ) from _error
 
-BLOBS = ("function", "args", "kwargs", "resources", "result", "error")
+BLOBS = ("function", "args", "kwargs", "resources", "result", "error", "traceback")
 _ATTRIBUTE_MAX = 32 * 1024  # bigger blobs go to datasets (attribute limit: 64 kB)
 _CODE_DIGESTS: dict[types.CodeType, bytes] = {}
 
@@ -209,8 +210,12 @@ def read_outcome(path: str, warn: bool = True) -> tuple[str, Any] | None:
     try:
         fid = h5f.open(path.encode(), h5f.ACC_RDONLY)
         try:
-            kind = "result" if _has(fid, "result") else "error"
-            return kind, pickle.loads(_read_blob(fid, kind))
+            if _has(fid, "result"):
+                return "result", pickle.loads(_read_blob(fid, "result"))
+            error = pickle.loads(_read_blob(fid, "error"))
+            if _has(fid, "traceback"):
+                error = with_remote_traceback(error, _read_blob(fid, "traceback").decode())
+            return "error", error
         finally:
             fid.close()
     except Exception as error:
@@ -221,6 +226,32 @@ def read_outcome(path: str, warn: bool = True) -> tuple[str, Any] | None:
                 RuntimeWarning, stacklevel=2,
             )
         return None
+
+
+class Upstream:
+    """In a submission job's arguments: the result of an earlier call, read from its
+    file when the job unpickles its arguments; hashed as the earlier call's key."""
+
+    def __init__(self, path: str, key: str) -> None:
+        self.path, self.key = path, key
+
+    def __reduce__(self) -> tuple:
+        return load_result, (self.path,)
+
+    def __stable_key__(self) -> tuple:
+        return ("upstream", self.key)
+
+
+def load_result(path: str) -> Any:
+    """The result stored in ``path``; an error naming the file if there is none."""
+    outcome = read_outcome(path, warn=False)
+    if outcome is None or outcome[0] != "result":
+        raise RuntimeError(f"the input of this call should be in {path}, but {_missing(outcome)}")
+    return outcome[1]
+
+
+def _missing(outcome: tuple | None) -> str:
+    return "that file is missing or unreadable" if outcome is None else f"it holds an error: {outcome[1]!r}"
 
 
 def call_blobs(task: Task) -> dict[str, bytes]:
@@ -297,20 +328,21 @@ def _unhashable(task: Task, error: Exception) -> Exception:
 # ------------------------------------------------------ public functions
 def get_cache_data(cache_directory: str) -> list[dict]:
     """One dict per cached call in ``cache_directory``, ready for ``pandas.DataFrame``:
-    ``function`` (name), ``args``, ``kwargs``, ``result``, ``error``, ``runtime``
+    ``function`` (name), ``args``, ``kwargs``, ``result``, ``error``, ``traceback``, ``runtime``
     (seconds), ``resources`` and ``filename``. Unreadable files are skipped with a
     warning."""
     rows = []
     for path in sorted(glob.glob(os.path.join(glob.escape(os.path.abspath(cache_directory)), "*.h5"))):
         try:
             found = read_file(path)
-            loaded = {key: pickle.loads(found[key]) for key in BLOBS if key in found}
+            loaded = {key: pickle.loads(found[key]) for key in BLOBS[:-1] if key in found}
         except Exception as error:
             warnings.warn(f"skipping unreadable cache file {path}: {error}", RuntimeWarning, stacklevel=2)
             continue
         rows.append({
             "function": found["name"], "args": loaded.get("args"), "kwargs": loaded.get("kwargs"),
             "result": loaded.get("result"), "error": loaded.get("error"),
+            "traceback": found.get("traceback", b"").decode() or None,
             "runtime": found["runtime"], "resources": loaded.get("resources"), "filename": path,
         })
     return rows
@@ -325,12 +357,12 @@ def get_future_from_cache(cache_directory: str, cache_key: str) -> Future:
             f"no cached result {cache_key!r} in {cache_directory}: {path} does not exist; "
             "get_cache_data(cache_directory) lists what is there"
         )
-    found = read_file(path, ("result", "error"))
+    outcome = read_outcome(path, warn=False)
+    if outcome is None:
+        raise OSError(f"the cache file {path} cannot be read; delete it and run the call again")
     future: Future = Future()
-    if "result" in found:
-        future.set_result(pickle.loads(found["result"]))
-    elif "error" in found:
-        future.set_exception(pickle.loads(found["error"]))
+    if outcome[0] == "result":
+        future.set_result(outcome[1])
     else:
-        raise FileNotFoundError(f"{path} holds a call but neither its result nor an error")
+        future.set_exception(outcome[1])
     return future

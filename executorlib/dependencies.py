@@ -35,19 +35,20 @@ def _collect(value: Any, found: list[Future]) -> None:
             _collect(item, found)
 
 
-def substitute(value: Any) -> Any:
-    """``value`` with every (finished) future replaced by its result; containers rebuilt,
-    so the caller's own lists and dicts are never changed."""
+def substitute(value: Any, resolve: Callable[[Future], Any] = Future.result) -> Any:
+    """``value`` with every (finished) future replaced by its result (or by
+    ``resolve(future)``); containers rebuilt, so the caller's own lists and dicts are
+    never changed."""
     if isinstance(value, Future):
-        return value.result()
+        return resolve(value)
     if isinstance(value, dict):
-        items = {key: substitute(item) for key, item in value.items()}
+        items = {key: substitute(item, resolve) for key, item in value.items()}
         return items if type(value) is dict else _refill(value, items)
     if isinstance(value, list):
-        items = [substitute(item) for item in value]
+        items = [substitute(item, resolve) for item in value]
         return items if type(value) is list else _refill(value, items)
     if isinstance(value, tuple):
-        items = [substitute(item) for item in value]
+        items = [substitute(item, resolve) for item in value]
         if hasattr(value, "_fields"):  # named tuple
             return type(value)(*items)
         return tuple(items) if type(value) is tuple else type(value)(items)
