@@ -215,7 +215,9 @@ class BehaviourSuite:
         time.sleep(0.3)
         exe.shutdown(wait=True, cancel_futures=True)
         assert running.result(timeout=60) == "done"
-        assert all(f.cancelled() for f in queued)
+        # a busy worker holds one call sent ahead (as ProcessPoolExecutor does): that one runs
+        assert sum(not f.cancelled() for f in queued) <= 1
+        assert all(f.result(timeout=5) == i for i, f in enumerate(queued) if not f.cancelled())
 
     def test_resource_dict_validation(self):
         requested = {"cores": 1, "threads_per_core": 2}

@@ -59,7 +59,7 @@ class PerTaskScheduler(Scheduler):
         if not task.future.set_running_or_notify_cancel():
             self._spare = worker
             return
-        worker.task = task
+        worker.tasks.append(task)
         if worker.peer is not None:
             self._dispatch(worker)
 
@@ -75,13 +75,12 @@ class PerTaskScheduler(Scheduler):
                 self._keep_spare = False  # the launcher fails; real calls will report why
 
     def _dispatch(self, worker: Worker) -> None:
-        task, worker.task = worker.task, None
-        if not self._send_call(worker, task):
+        if not self._send_call(worker, worker.tasks.popleft()):
             worker.stopping = True
             worker.process.stop()
 
     def _on_connected(self, worker: Worker) -> None:
-        if worker.task is not None:
+        if worker.tasks:
             self._dispatch(worker)
 
     def _on_ready(self, worker: Worker) -> None:

@@ -1,5 +1,9 @@
 """Block allocation: a fixed set of long-lived workers, each serving call after call.
 
+While every worker is busy and calls wait, each worker is sent one call ahead, so it
+never sits idle between calls (the standard library's pool queues ahead the same way);
+that call counts as running and can no longer be cancelled.
+
 ``init_function`` runs once per worker when it connects; a worker is idle only after
 that. A worker that ends is replaced. If workers die before they ever connect, or
 ``init_function`` fails, the pool is broken: every queued and later call fails with the
@@ -18,6 +22,7 @@ from executorlib.interactive.scheduler import ResultCache, Scheduler, Spawner, W
 from executorlib.resources import Resources
 
 _START_FAILURES_BEFORE_BROKEN = 3
+_CALLS_PER_WORKER = 2  # the running call and one sent ahead
 
 
 class PoolScheduler(Scheduler):
@@ -32,7 +37,7 @@ class PoolScheduler(Scheduler):
         self._resources = resources
         self._size = size
         self._init_frames = protocol.dumps(init_function, by_value=True) if init_function else None
-        self._idle: list[Worker] = []
+        self._ready: list[Worker] = []
         self._broken: BaseException | None = None
         self._start_failures = 0
 
@@ -46,13 +51,14 @@ class PoolScheduler(Scheduler):
             while self._pending:
                 settle(self._pending.popleft().future, exception=self._broken_error())
             return
-        while self._pending and self._idle:
+        while self._pending and (worker := self._least_busy()) is not None:
             task = self._pending.popleft()
-            if not task.future.set_running_or_notify_cancel():
-                continue
-            worker = self._idle.pop()
-            if not self._send_call(worker, task):
-                self._idle.append(worker)
+            if task.future.set_running_or_notify_cancel():
+                self._send_call(worker, task)
+
+    def _least_busy(self) -> Worker | None:
+        worker = min(self._ready, key=lambda w: len(w.tasks), default=None)
+        return worker if worker is not None and len(worker.tasks) < _CALLS_PER_WORKER else None
 
     def _on_connected(self, worker: Worker) -> None:
         self._start_failures = 0
@@ -63,10 +69,10 @@ class PoolScheduler(Scheduler):
 
     def _on_ready(self, worker: Worker) -> None:
         worker.ready = True
-        self._idle.append(worker)
+        self._ready.append(worker)
 
     def _on_task_done(self, worker: Worker) -> None:
-        self._idle.append(worker)
+        """The worker takes the next call in ``_schedule``."""
 
     def _on_message(self, peer: Any, kind: bytes, frames: list) -> None:
         worker = self._workers.get(peer.worker_id)
@@ -78,8 +84,8 @@ class PoolScheduler(Scheduler):
         super()._on_message(peer, kind, frames)
 
     def _on_worker_gone(self, worker: Worker) -> None:
-        if worker in self._idle:
-            self._idle.remove(worker)
+        if worker in self._ready:
+            self._ready.remove(worker)
         if self._stopping or self._broken is not None:
             return
         if worker.peer is None:

@@ -31,6 +31,7 @@ from executorlib.dependencies import settle, substitute, when_resolved
 from executorlib.errors import ExecutorShutdownError, WorkerDiedError, with_remote_traceback
 from executorlib.interactive import protocol
 from executorlib.interactive.channel import ExecutorSocket, Peer
+from executorlib.interactive.encoding import CallEncoder
 from executorlib.interactive.spawner import Launch, WorkerProcess
 from executorlib.resources import Resources
 from executorlib.task import Task
@@ -64,7 +65,7 @@ class Worker:
     resources: Resources
     process: WorkerProcess
     peer: Peer | None = None
-    task: Task | None = None
+    tasks: deque[Task] = field(default_factory=deque)  # sent (or to send), oldest first
     ready: bool = False  # connected, and init_function done where there is one
     stopping: bool = False
 
@@ -88,6 +89,7 @@ class Scheduler:
         self._spawner = spawner
         self._cache = cache
         self._secret = os.urandom(32)
+        self._encoder = CallEncoder()
         self._socket = ExecutorSocket(host or spawner.bind_host, self._secret)
         self._inbox = _Inbox()
         self._pending: deque[Task] = deque()
@@ -203,7 +205,7 @@ class Scheduler:
     def _drained(self) -> bool:
         with self._lock:
             waiting = bool(self._waiting)
-        busy = any(worker.task for worker in self._workers.values())
+        busy = any(worker.tasks for worker in self._workers.values())
         return not (waiting or self._pending or self._inbox.items or busy)
 
     # -------------------------------------------------------------- workers
@@ -218,7 +220,9 @@ class Scheduler:
                 settle(task.future, exception=error)
             self._on_start_failure(error)
             return None
-        worker = Worker(worker_id, resources, process, task=task)
+        worker = Worker(worker_id, resources, process)
+        if task is not None:
+            worker.tasks.append(task)
         self._workers[worker_id] = worker
         for fd in process.fds():
             self._fd_owner[fd] = worker
@@ -228,14 +232,14 @@ class Scheduler:
     def _send_call(self, worker: Worker, task: Task) -> bool:
         """Hand ``task`` to ``worker``; False (future failed) if it cannot be pickled."""
         try:
-            frames = protocol.dumps(protocol.Call(task.fn, task.args, task.kwargs), by_value=True)
+            frames = self._encoder.encode(task.fn, task.args, task.kwargs)
         except Exception as error:
             settle(task.future, exception=TypeError(
                 f"cannot send the call of {task.name} to a worker: its function or arguments "
                 f"cannot be pickled ({type(error).__name__}: {error})"
             ))
             return False
-        worker.task = task
+        worker.tasks.append(task)
         self._socket.send(worker.peer, protocol.CALL, frames)
         return True
 
@@ -249,8 +253,7 @@ class Scheduler:
         elif kind == protocol.READY:
             self._on_ready(worker)
         elif kind in (protocol.RESULT, protocol.FAILURE):
-            task, worker.task = worker.task, None
-            self._resolve(task, kind, frames)
+            self._resolve(worker.tasks.popleft(), kind, frames)
             self._on_task_done(worker)
 
     def _resolve(self, task: Task, kind: bytes, frames: list) -> None:
@@ -276,8 +279,8 @@ class Scheduler:
         del self._workers[worker.worker_id]
         if worker.peer is not None:
             self._socket.forget(worker.peer)
-        task, worker.task = worker.task, None
-        if task is not None:
+        while worker.tasks:
+            task = worker.tasks.popleft()
             settle(task.future, exception=self._death_error(worker, task))
         self._on_worker_gone(worker)
 
@@ -303,7 +306,7 @@ class Scheduler:
             worker.process.stop()
 
     def _fail_everything(self, error: BaseException) -> None:
-        tasks = [w.task for w in self._workers.values() if w.task] + list(self._pending)
+        tasks = [t for w in self._workers.values() for t in w.tasks] + list(self._pending)
         tasks += [t for t in self._inbox.items if isinstance(t, Task)]
         for task in tasks:
             settle(task.future, exception=RuntimeError(f"executorlib's manager thread failed: {error!r}"))

@@ -1,0 +1,110 @@
+"""Encoding a call for the wire without re-pickling the same function every time.
+
+Pickling a function from ``__main__`` or a notebook by value (cloudpickle) costs tens
+of microseconds, more than the rest of a call's trip. The executor therefore keeps the
+pickled bytes of recently used functions and reuses them while everything the pickle
+captured is provably the same object: the function's globals, defaults and closure
+cells must be immutable values, classes, modules, or functions importable by name, and
+still bound to the very same objects. Anything else (a global list, a dict of settings)
+is pickled afresh on every call, so a worker always sees the current values.
+
+Workers keep the functions they unpickled, keyed by those bytes, for the same reason.
+"""
+
+from __future__ import annotations
+
+import pickle
+import types
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from executorlib.interactive import protocol
+
+_CACHE_SIZE = 256
+_IMMUTABLE = (int, float, complex, str, bytes, bool, type(None), range, frozenset,
+              types.ModuleType, types.BuiltinFunctionType)
+_worker_functions: OrderedDict[bytes, Callable] = OrderedDict()
+
+
+def rebuild_call(function_pickle: bytes, args: tuple, kwargs: dict) -> protocol.Call:
+    """Worker side: the Call, with the function unpickled once per distinct pickle."""
+    fn = _worker_functions.get(function_pickle)
+    if fn is None:
+        fn = pickle.loads(function_pickle)
+        _worker_functions[function_pickle] = fn
+        if len(_worker_functions) > _CACHE_SIZE:
+            _worker_functions.popitem(last=False)
+    return protocol.Call(fn, args, kwargs)
+
+
+class _WireCall:
+    """Pickles as ``rebuild_call(function_pickle, args, kwargs)``."""
+
+    __slots__ = ("function_pickle", "args", "kwargs")
+
+    def __init__(self, function_pickle: bytes, args: tuple, kwargs: dict) -> None:
+        self.function_pickle, self.args, self.kwargs = function_pickle, args, kwargs
+
+    def __reduce__(self) -> tuple:
+        return rebuild_call, (self.function_pickle, self.args, self.kwargs)
+
+
+class CallEncoder:
+    """Executor side: frames for a call, reusing function pickles while they are valid."""
+
+    def __init__(self) -> None:
+        self._functions: OrderedDict[int, tuple[Any, tuple, bytes]] = OrderedDict()
+
+    def encode(self, fn: Callable, args: tuple, kwargs: dict) -> list:
+        """Frames of the call; raises if the function or arguments cannot be pickled."""
+        return protocol.dumps(_WireCall(self._function_pickle(fn), args, kwargs), by_value=True)
+
+    def _function_pickle(self, fn: Callable) -> bytes:
+        captured = _captured(fn)
+        cached = self._functions.get(id(fn))
+        if cached is not None and cached[0] is fn and _same(cached[1], captured):
+            return cached[2]
+        data = protocol.dumps(fn, by_value=True)[0]
+        if captured is not None:
+            self._functions[id(fn)] = (fn, captured, data)
+            if len(self._functions) > _CACHE_SIZE:
+                self._functions.popitem(last=False)
+        return data
+
+
+def _captured(fn: Any) -> tuple | None:
+    """What a by-value pickle of ``fn`` captures, or None if any of it could change
+    without its identity changing (then the function is never cached)."""
+    if isinstance(fn, types.BuiltinFunctionType):
+        return ()
+    code = getattr(fn, "__code__", None)
+    if code is None or getattr(fn, "__dict__", None):
+        return None
+    values = [fn.__globals__.get(name, _captured) for name in _global_names(code)]
+    values += [cell.cell_contents for cell in fn.__closure__ or ()]
+    values += list(fn.__defaults__ or ()) + list((fn.__kwdefaults__ or {}).values())
+    return tuple(values) if all(map(_stable, values)) else None
+
+
+def _global_names(code: types.CodeType) -> tuple[str, ...]:
+    names = list(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names += _global_names(const)
+    return tuple(names)
+
+
+def _stable(value: Any) -> bool:
+    if value is _captured or isinstance(value, _IMMUTABLE):
+        return True
+    if isinstance(value, tuple):
+        return all(map(_stable, value))
+    if isinstance(value, (types.FunctionType, type)):  # fine if a worker imports it by name
+        module = getattr(value, "__module__", None)
+        return module not in (None, "__main__") and "<locals>" not in value.__qualname__
+    return False
+
+
+def _same(old: tuple, new: tuple | None) -> bool:
+    return new is not None and len(old) == len(new) and all(a is b for a, b in zip(old, new))
