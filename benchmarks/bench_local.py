@@ -81,7 +81,7 @@ def chain_ms_per_link(exe, links: int, use_futures: bool) -> float:
     exe.submit(noop).result()
     start = time.perf_counter()
     value = 0
-    for i in range(links):
+    for _ in range(links):
         value = exe.submit(add, value, 1)
         if not use_futures:  # the pool cannot take futures: wait for each link
             value = value.result()

@@ -133,7 +133,9 @@ class WorkerExecutor(Executor):
 
         return PerTaskScheduler(spawner, options.resources, self._max_cores(), host, cache)
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, resource_dict: dict | None = None, **kwargs: Any) -> Future:
+    def submit(
+        self, fn: Callable[..., Any], /, *args: Any, resource_dict: dict | None = None, **kwargs: Any
+    ) -> Future:
         """Schedule ``fn(*args, **kwargs)``; ``resource_dict`` overrides the executor's
         resources for this call. Futures anywhere in the arguments are replaced by
         their results before the call runs."""

@@ -233,9 +233,10 @@ class BehaviourSuite:
         assert requested == copy
 
     def test_block_allocation_rejects_other_resources(self):
-        with self.executor(block_allocation=True, max_workers=1) as exe:
-            with pytest.raises(ValueError, match="block_allocation"):
-                exe.submit(add, 1, resource_dict={"threads_per_core": 2})
+        with self.executor(block_allocation=True, max_workers=1) as exe, pytest.raises(
+            ValueError, match="block_allocation"
+        ):
+            exe.submit(add, 1, resource_dict={"threads_per_core": 2})
 
     def test_threads_env_and_cwd(self, tmp_path):
         target = tmp_path / "made" / "here"

@@ -4,6 +4,7 @@ new executorlib worker anywhere on the machine must be gone within a grace perio
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -48,10 +49,8 @@ def no_leftover_processes():
     if left:
         description = [f"{p.pid}: {' '.join(p.cmdline())[:200]}" for p in left]
         for process in left:
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 process.kill()
-            except psutil.NoSuchProcess:
-                pass
         pytest.fail("the test left processes running:\n" + "\n".join(description))
 
 

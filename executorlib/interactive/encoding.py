@@ -107,4 +107,4 @@ def _stable(value: Any) -> bool:
 
 
 def _same(old: tuple, new: tuple | None) -> bool:
-    return new is not None and len(old) == len(new) and all(a is b for a, b in zip(old, new))
+    return new is not None and len(old) == len(new) and all(a is b for a, b in zip(old, new, strict=True))

@@ -185,9 +185,8 @@ class Scheduler:
                 self._on_message(*message)
         elif source == self._inbox.fd:
             os.eventfd_read(self._inbox.fd)
-        elif (worker := self._fd_owner.get(source)) is not None:
-            if worker.process.on_readable(source):
-                self._on_exit(worker)
+        elif (worker := self._fd_owner.get(source)) and worker.process.on_readable(source):
+            self._on_exit(worker)
 
     def _take_inbox(self) -> None:
         while self._inbox.items:

@@ -9,6 +9,7 @@ through to our stderr while the last lines are kept for error messages.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -86,10 +87,8 @@ class WorkerProcess:
     def stop(self) -> None:
         """Kill the worker and everything it started (mpiexec ranks, srun)."""
         if self.popen.returncode is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
                 os.killpg(self.popen.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 class LocalSpawner:
