@@ -113,7 +113,8 @@ def srun_command(resources: Resources, settings: SrunSettings) -> list[str]:
     """The ``srun`` options that start one worker step for ``resources``.
 
     ``--exact`` gives the step only what it asks for, so steps run side by side;
-    ``--mem=0`` lets a step use the job's memory without reserving it from other steps.
+    ``--mem=0`` lets a step use the job's memory without reserving it from other steps;
+    ``--gres=none`` keeps a step that asks for no GPU from taking all of the job's.
     ``run_time_max`` (seconds) becomes ``--time`` in minutes, rounded up: Slurm's
     time limits have a resolution of one minute.
     """
@@ -133,6 +134,8 @@ def _optional_options(resources: Resources) -> list[str]:
     argv = []
     if resources.gpus_per_core:
         argv.append(f"--gpus-per-task={_whole_gpus(resources.gpus_per_core)}")
+    else:  # a step without a GRES request would get all of the job's GPUs
+        argv.append("--gres=none")
     if resources.num_nodes is not None:
         argv.append(f"--nodes={resources.num_nodes}")
     if resources.exclusive:
@@ -209,12 +212,26 @@ class SrunProcess(WorkerProcess):
         super().__init__(argv, env, None)
         self.job_id = job_id
         self.resources = resources
+        self._stopped = False
 
     def stop(self) -> None:
         """Ask srun to end the step: on SIGTERM it cancels the step, then exits."""
+        self._stopped = True
         if self.popen.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.popen.pid, signal.SIGTERM)
+
+    def _drain_stderr(self) -> None:
+        if not self._stopped:
+            super()._drain_stderr()
+            return
+        while self._stderr >= 0:  # srun reporting the cancellation we asked for is no news
+            try:
+                chunk = os.read(self._stderr, 65536)
+            except BlockingIOError:
+                return
+            if not chunk:
+                self._stderr = -1
 
     def how_it_ended(self) -> str:
         step_id, state = step_outcome(self._tail.decode(errors="replace"))
