@@ -172,15 +172,19 @@ _SRUN_ERROR = re.compile(r"srun: error: (?!\S+: tasks? )(.+)")
 
 
 def step_outcome(stderr: str) -> tuple[str | None, str]:
-    """(step id or None, Slurm's account of how the step ended) from srun's stderr."""
+    """(step id or None, Slurm's account of how the step ended) from srun's stderr:
+    cancellations and task errors in the order srun reported them."""
     ids = [a or b for a, b in _STEP_ID.findall(stderr)]
-    if match := _CANCELLED.search(stderr):
-        reason = f" DUE TO {match[5]}" if match[5] else ""
-        what = "step" if match[1] == "STEP" else "job"
-        return (ids[0] if ids else None), f"{what} {match[2]} on {match[3]} CANCELLED{reason}"
-    tasks = [f"task {m[1]} on {m[0]}: {m[2]}" for m in _TASK_ERROR.findall(stderr)]
-    srun_errors = _SRUN_ERROR.findall(stderr)
-    return (ids[0] if ids else None), "; ".join(tasks or srun_errors) or "ended"
+    events = [(m.start(), _describe_cancel(m)) for m in _CANCELLED.finditer(stderr)]
+    events += [(m.start(), f"task {m[2]} on {m[1]}: {m[3]}") for m in _TASK_ERROR.finditer(stderr)]
+    events += [(m.start(), m[1]) for m in _SRUN_ERROR.finditer(stderr)]
+    account = "; ".join(dict.fromkeys(text for _, text in sorted(events)))
+    return (ids[0] if ids else None), account or "ended"
+
+
+def _describe_cancel(match: re.Match) -> str:
+    reason = f" DUE TO {match[5]}" if match[5] else ""
+    return f"{match[1].lower()} {match[2]} on {match[3]} CANCELLED{reason}"
 
 
 def job_out_of_time(job_id: str) -> str | None:
