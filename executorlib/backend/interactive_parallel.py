@@ -27,7 +27,7 @@ def run_on_this_rank(preload: Preload, payload: list) -> bytes:
 
 def run_everywhere(preload: Preload, frames: list) -> list | protocol.Failure:
     """Rank 0: broadcast, run, gather; the first failing rank's Failure wins."""
-    payload = COMM.bcast([bytes(frame.buffer) for frame in frames])
+    payload = COMM.bcast([bytes(protocol.buffer_of(frame)) for frame in frames])
     outcomes = [pickle.loads(o) for o in COMM.gather(run_on_this_rank(preload, payload))]
     failures = [o for o in outcomes if isinstance(o, protocol.Failure)]
     return failures[0] if failures else outcomes

@@ -7,6 +7,11 @@ per-executor secret; the secret reaches workers through the environment only. Th
 executor answers with its own HMAC over the worker's nonce. Until a peer has proven the
 secret, none of its frames is unpickled, on either side; frames from an unknown routing
 id are dropped. The worker never reconnects, so the proven connection cannot be swapped.
+
+Where the HELLO shows that the worker sees the executor's ``/dev/shm`` (shm.fingerprint),
+the WELCOME names a file prefix for that worker and both ends move large buffers through
+files there (shm.py): ``send`` exports them, ``receive`` attaches them. When a worker
+ends, the executor sweeps its prefix; a worker whose executor vanished sweeps it too.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from dataclasses import dataclass
 import zmq
 
 from executorlib.interactive import protocol
+from executorlib.interactive.shm import NAME_PREFIX, SharedMemory, fingerprint, valid_prefix
 
 _HEARTBEAT_MS = 5_000
 _HEARTBEAT_TIMEOUT_MS = 60_000
@@ -34,6 +40,7 @@ class Peer:
     worker_id: int
     host: str
     pid: int
+    shm: SharedMemory | None = None  # large buffers through /dev/shm (same machine)
 
 
 class ExecutorSocket:
@@ -48,6 +55,8 @@ class ExecutorSocket:
         port = self.socket.bind_to_random_port(f"tcp://{_bind_address(host)}")
         self.address = f"tcp://{host}:{port}"
         self.peers: dict[bytes, Peer] = {}
+        self._fingerprint = fingerprint()
+        self._shm_prefix = f"{NAME_PREFIX}{os.getpid()}-{os.urandom(6).hex()}-"
 
     def receive(self) -> tuple[Peer, bytes, list] | None:
         """One message without blocking: (peer, kind, frames), or None when none waits.
@@ -63,33 +72,43 @@ class ExecutorSocket:
             routing_id, kind = routing_id.bytes, kind.bytes
             peer = self.peers.get(routing_id)
             if peer is not None:
-                return peer, kind, frames
+                return peer, kind, peer.shm.attach(frames) if peer.shm and frames else frames
             if kind == protocol.HELLO and (peer := self._admit(routing_id, frames)):
                 return peer, kind, []
 
     def _admit(self, routing_id: bytes, frames: list) -> Peer | None:
-        if len(frames) != 5:
+        if len(frames) != 6:
             return None
-        nonce, mac, worker_id, host, pid = (frame.bytes for frame in frames)
-        expected = protocol.hello_mac(self._secret, routing_id, nonce)
+        nonce, mac, *fields = (frame.bytes for frame in frames)
+        expected = protocol.hello_mac(self._secret, routing_id, nonce, fields)
         if not hmac.compare_digest(mac, expected):
             return None
+        worker_id, host, pid, shm_fingerprint = fields
         peer = Peer(routing_id, int(worker_id), host.decode(errors="replace"), int(pid))
+        if shm_fingerprint and shm_fingerprint == self._fingerprint:
+            peer.shm = SharedMemory(f"{self._shm_prefix}{peer.worker_id}-")
+        prefix = peer.shm.prefix.encode() if peer.shm else b""
         self.peers[routing_id] = peer
-        self.send(peer, protocol.WELCOME, [protocol.welcome_mac(self._secret, nonce)])
+        self.send(peer, protocol.WELCOME, [protocol.welcome_mac(self._secret, nonce, prefix), prefix])
         return peer
 
     def send(self, peer: Peer, kind: bytes, frames: list = ()) -> None:
-        """Send one message; large frames go without a copy."""
+        """Send one message; large frames go without a copy (or through /dev/shm)."""
+        if peer.shm is not None and frames:
+            frames = peer.shm.export(frames)
         self.socket.send_multipart([peer.routing_id, kind, *frames], copy=False)
 
     def forget(self, peer: Peer) -> None:
-        """Stop accepting messages from a peer whose process has ended."""
+        """Stop accepting messages from a peer whose process has ended, and remove
+        the shared-memory files it or we left unread."""
         self.peers.pop(peer.routing_id, None)
+        if peer.shm is not None:
+            peer.shm.sweep()
 
     def close(self) -> None:
         self.socket.close(linger=0)
         self._context.term()
+        SharedMemory(self._shm_prefix).sweep()  # workers that never said goodbye
 
 
 class WorkerConnection:
@@ -110,13 +129,15 @@ class WorkerConnection:
         self._monitor = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED)
         self.socket.connect(address)
         self.address = address
+        self.shm: SharedMemory | None = None
         self._handshake(secret, routing_id, worker_id, timeout_s)
 
     def _handshake(self, secret: bytes, routing_id: bytes, worker_id: int, timeout_s: float) -> None:
         nonce = os.urandom(16)
-        host, pid = socket.gethostname().encode(), str(os.getpid()).encode()
-        mac = protocol.hello_mac(secret, routing_id, nonce)
-        self.socket.send_multipart([protocol.HELLO, nonce, mac, str(worker_id).encode(), host, pid])
+        fields = [str(worker_id).encode(), socket.gethostname().encode(), str(os.getpid()).encode()]
+        fields.append(fingerprint())
+        mac = protocol.hello_mac(secret, routing_id, nonce, fields)
+        self.socket.send_multipart([protocol.HELLO, nonce, mac, *fields])
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
         poller.register(self._monitor, zmq.POLLIN)
@@ -125,24 +146,38 @@ class WorkerConnection:
         if not poller.poll(0):
             raise TimeoutError(f"no answer from the executor at {self.address} within {timeout_s:g} s")
         kind, *frames = self.socket.recv_multipart()
-        if kind != protocol.WELCOME or not hmac.compare_digest(frames[0], protocol.welcome_mac(secret, nonce)):
+        if kind != protocol.WELCOME or len(frames) != 2 or not hmac.compare_digest(
+            frames[0], protocol.welcome_mac(secret, nonce, frames[1])
+        ):
             raise ConnectionError(f"the peer at {self.address} could not prove the executor's secret")
+        prefix = frames[1].decode(errors="replace")
+        if prefix and valid_prefix(prefix):
+            self.shm = SharedMemory(prefix)
 
     def watch_executor(self, on_lost: Callable[[], None]) -> None:
         """Call ``on_lost`` from a daemon thread when the executor's connection drops."""
 
         def watch() -> None:
             self._monitor.recv_multipart()  # any event we subscribed to means: gone
+            if self.shm is not None:
+                self.shm.sweep()  # what we sent, or the executor sent us, unread
             on_lost()
 
         threading.Thread(target=watch, name="executorlib-watchdog", daemon=True).start()
 
     def receive(self) -> tuple[bytes, list]:
+        """The next message; large buffers from /dev/shm stay there until the reply,
+        so an unchanged one can go back without a copy."""
         kind, *frames = self.socket.recv_multipart(copy=False)
-        return kind.bytes, frames
+        return kind.bytes, self.shm.attach(frames, hold=True) if self.shm and frames else frames
 
     def send(self, kind: bytes, frames: list = ()) -> None:
-        self.socket.send_multipart([kind, *frames], copy=False)
+        """Send the reply to the last message received."""
+        if self.shm is None:
+            self.socket.send_multipart([kind, *frames], copy=False)
+            return
+        self.socket.send_multipart([kind, *self.shm.export(list(frames))], copy=False)
+        self.shm.release()
 
 
 def _bind_address(host: str) -> str:

@@ -2,8 +2,9 @@
 
 Every message is a multipart ZeroMQ message whose first frame is a one-byte kind::
 
-    worker   -> executor   HELLO   nonce, mac, worker id, host, pid   (no pickle: checked first)
-    executor -> worker     WELCOME mac                                (proves the executor too)
+    worker   -> executor   HELLO   nonce, mac, worker id, host, pid, shm fingerprint
+                                                                       (no pickle: checked first)
+    executor -> worker     WELCOME mac, shm prefix                     (proves the executor too)
     executor -> worker     INIT    pickled init_function + buffers     (block allocation only)
     worker   -> executor   READY                                       (init_function returned)
     executor -> worker     CALL    pickled Call + buffers
@@ -12,7 +13,11 @@ Every message is a multipart ZeroMQ message whose first frame is a one-byte kind
     executor -> worker     STOP
 
 Pickles use protocol 5: large buffers (NumPy arrays, bytes-likes) leave the pickle as
-out-of-band frames, so a 200 MB array is never copied into a pickle stream.
+out-of-band frames, so a 200 MB array is never copied into a pickle stream. Where both
+ends share ``/dev/shm`` (the HELLO's fingerprint matches the executor's; the WELCOME then
+names a file prefix, empty otherwise), channel.py moves the large frames through files
+there instead (see shm.py). The MACs cover every handshake field, so nothing an
+unauthenticated peer sends decides this.
 Nothing in this module imports more than the standard library and cloudpickle (lazily),
 because workers import it on their start-up path.
 """
@@ -52,14 +57,21 @@ class Failure:
     traceback: str
 
 
-def hello_mac(secret: bytes, routing_id: bytes, nonce: bytes) -> bytes:
-    """What a worker sends to prove it knows the executor's secret."""
-    return hmac.new(secret, b"hello" + routing_id + nonce, hashlib.sha256).digest()
+def hello_mac(secret: bytes, routing_id: bytes, nonce: bytes, fields: list[bytes]) -> bytes:
+    """What a worker sends to prove it knows the executor's secret; ``fields`` are the
+    HELLO's other frames (worker id, host, pid, shm fingerprint)."""
+    return _mac(secret, b"hello", routing_id, nonce, *fields)
 
 
-def welcome_mac(secret: bytes, nonce: bytes) -> bytes:
+def welcome_mac(secret: bytes, nonce: bytes, shm_prefix: bytes) -> bytes:
     """What the executor answers to prove the same to the worker."""
-    return hmac.new(secret, b"welcome" + nonce, hashlib.sha256).digest()
+    return _mac(secret, b"welcome", nonce, shm_prefix)
+
+
+def _mac(secret: bytes, *parts: bytes) -> bytes:
+    # Length-prefixed, so no two different lists of parts authenticate alike.
+    message = b"".join(len(part).to_bytes(4, "little") + part for part in parts)
+    return hmac.new(secret, message, hashlib.sha256).digest()
 
 
 def dumps(obj: Any, by_value: bool = False) -> list:
@@ -101,8 +113,14 @@ def to_bytes(obj: Any) -> bytes:
 
 def loads(frames: list) -> Any:
     """Inverse of :func:`dumps`; ``frames`` are bytes or ZeroMQ frames (zero copy)."""
-    views = [getattr(frame, "buffer", frame) for frame in frames]
+    views = [buffer_of(frame) for frame in frames]
     return pickle.loads(views[0], buffers=views[1:])
+
+
+def buffer_of(frame: Any) -> Any:
+    """The content of a received frame: a ZeroMQ frame's buffer, or the frame itself
+    (bytes, or a shared-memory mapping from shm.py)."""
+    return getattr(frame, "buffer", frame)
 
 
 def dumps_failure(exception: BaseException, where: str = "") -> list:
