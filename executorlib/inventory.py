@@ -121,7 +121,7 @@ def _unfinished(
     if job_id is None:
         return CallInfo(key, name, "lost", None, None, "no job id was recorded: the submission did not "
                         "complete", tuple(sorted(paths)))
-    state = states.get(job_id)
+    state = _local_state(job_id, paths) if job_id.startswith("local-") else states.get(job_id)
     output = next((p for p in paths if p.endswith(".out")), None)
     if state is None:
         text, where = "lost", f"job {job_id} is unknown to the queue and wrote no result"
@@ -211,7 +211,7 @@ class _LocalJobs:
     """Jobs of LocalClusterExecutor: processes of the Python process that started them."""
 
     def states(self, job_ids: list[str]) -> dict[str, JobState]:
-        return {job_id: JobState("RUNNING") for job_id in job_ids if _alive(_owner(job_id))}
+        return {}  # no queue to ask: see _local_state
 
     def cancel(self, job_ids: list[str]) -> None:
         owners = sorted({_owner(job_id) for job_id in job_ids})
@@ -219,6 +219,30 @@ class _LocalJobs:
             f"local jobs {', '.join(job_ids)} are run by process {', '.join(map(str, owners))}, "
             "not by a queue: stop that process (its executor's shutdown(cancel_futures=True))"
         )
+
+
+def _local_state(job_id: str, paths: set[str]) -> JobState | None:
+    """Running while a process runs its job script; it ran (and wrote no result) if it
+    has output; held for its inputs while the process that submitted it lives."""
+    script = next((p for p in paths if p.endswith(".sh")), None)
+    if script is not None and _runs(script):
+        return JobState("RUNNING")
+    if any(p.endswith(".out") for p in paths):
+        return JobState("FAILED")
+    return JobState("PENDING", f"held by process {_owner(job_id)}") if _alive(_owner(job_id)) else None
+
+
+def _runs(path: str) -> bool:
+    """Whether any process has ``path`` on its command line (Linux /proc)."""
+    needle = path.encode()
+    for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
+        try:
+            with open(cmdline, "rb") as file:
+                if needle in file.read().split(b"\0"):
+                    return True
+        except OSError:  # it ended while we looked
+            continue
+    return False
 
 
 def _owner(job_id: str) -> int:
