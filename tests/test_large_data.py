@@ -18,14 +18,22 @@ import pytest
 
 from executorlib import Executor
 from executorlib.errors import WorkerDiedError
-from executorlib.interactive.shm import NO_SHM_ENV, SHM_DIR, SharedMemory, SharedMemoryError, describe, parse
+from executorlib.interactive.shm import (
+    NO_SHM_ENV,
+    SHM_DIR,
+    SharedMemory,
+    SharedMemoryError,
+    describe,
+    owner_prefix,
+    parse,
+)
 
 np = pytest.importorskip("numpy")
 
 
 def _files_of(pid: int) -> list[str]:
-    """Our shared-memory files left by the executor in process ``pid``."""
-    return [name for name in os.listdir(SHM_DIR) if name.startswith(f"executorlib-{pid}-")]
+    """Shared-memory files left by the executor in process ``pid``."""
+    return [name for name in os.listdir(SHM_DIR) if name.startswith(owner_prefix(pid))]
 
 
 def _backing(array):
@@ -56,6 +64,12 @@ def poke_middle(array):
 
 def slices(array):
     return array[1000:-1000], array[5:7], array
+
+
+def scaled_by_rank(array):
+    from mpi4py import MPI
+
+    return array * (MPI.COMM_WORLD.Get_rank() + 1)
 
 
 def die_with(array):
@@ -130,6 +144,15 @@ def test_plain_zeromq_frames_when_shared_memory_is_off(monkeypatch, shm_files):
     assert not isinstance(_backing(back), mmap.mmap)
 
 
+@pytest.mark.timeout(180)
+def test_mpi_worker_gets_and_returns_large_arrays(shm_files):
+    pytest.importorskip("mpi4py")
+    array = np.random.default_rng(3).random(3_000_000)
+    with Executor(resource_dict={"cores": 2}) as exe:
+        first, second = exe.submit(scaled_by_rank, array).result(timeout=150)
+    assert np.array_equal(first, array) and np.array_equal(second, array * 2)
+
+
 @pytest.mark.parametrize("block", [True, False])
 def test_worker_killed_mid_call_leaves_no_file(block, shm_files):
     array = np.ones(10_000_000)
@@ -195,3 +218,21 @@ def test_names_outside_the_connection_prefix_are_refused(tmp_path):
     finally:
         mine.sweep()
         other.sweep()
+
+
+def test_new_executor_removes_files_of_executors_that_died_with_their_workers():
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    dead, alive = int(gone.stdout), os.getppid()
+    stale, kept = owner_prefix(dead) + "0-0-stale", owner_prefix(alive) + "0-0-in-use"
+    for name in (stale, kept):
+        with open(os.path.join(SHM_DIR, name), "wb") as file:
+            file.write(b"x")
+    try:
+        with Executor(block_allocation=True, max_workers=1) as exe:
+            assert exe.submit(echo, 1).result(timeout=60) == 1
+        assert not os.path.exists(os.path.join(SHM_DIR, stale))
+        assert os.path.exists(os.path.join(SHM_DIR, kept))
+    finally:
+        for name in (stale, kept):
+            if os.path.exists(os.path.join(SHM_DIR, name)):
+                os.unlink(os.path.join(SHM_DIR, name))

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import zmq
 
 from executorlib.interactive import protocol
-from executorlib.interactive.shm import NAME_PREFIX, SharedMemory, fingerprint, valid_prefix
+from executorlib.interactive.shm import SharedMemory, fingerprint, owner_prefix, sweep_stale, valid_prefix
 
 _HEARTBEAT_MS = 5_000
 _HEARTBEAT_TIMEOUT_MS = 60_000
@@ -56,7 +56,9 @@ class ExecutorSocket:
         self.address = f"tcp://{host}:{port}"
         self.peers: dict[bytes, Peer] = {}
         self._fingerprint = fingerprint()
-        self._shm_prefix = f"{NAME_PREFIX}{os.getpid()}-{os.urandom(6).hex()}-"
+        self._shm_prefix = f"{owner_prefix()}{os.urandom(6).hex()}-"
+        if self._fingerprint:
+            sweep_stale()
 
     def receive(self) -> tuple[Peer, bytes, list] | None:
         """One message without blocking: (peer, kind, frames), or None when none waits.

@@ -16,6 +16,8 @@ unpickled object (NumPy keeps its buffer alive), and nothing stays in ``/dev/shm
 it is attached. Every name of a connection starts with that connection's prefix, so
 whichever side outlives the other removes what is left with one :meth:`SharedMemory.sweep`
 (the executor when a worker ends or at shutdown, a worker when its executor vanishes).
+Prefixes name the executor's pid namespace and pid, so a new executor also removes what
+executors that died together with their workers (SIGKILL to both) left behind.
 A worker may also *hold* what it attached (``attach(hold=True)``) until it has replied:
 a result that is (a slice of) an argument it received, with no page of it written to
 (the kernel's page map shows every page still the file's own, not a private copy), goes
@@ -62,6 +64,25 @@ def fingerprint() -> bytes:
     except OSError:
         return b""
     return b"%s:%d:%d:%d" % (boot_id, status.st_dev, status.st_ino, os.getuid())
+
+
+def owner_prefix(pid: int | None = None) -> str:
+    """The start of every file name used by the executor in process ``pid`` (default: this
+    process), qualified by the pid namespace so that no other namespace's pid matches."""
+    return f"{NAME_PREFIX}{_pid_namespace()}-{os.getpid() if pid is None else pid}-"
+
+
+def sweep_stale() -> None:
+    """Remove this user's files of executors in our pid namespace that no longer run."""
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return
+    start = f"{NAME_PREFIX}{_pid_namespace()}-"
+    for name in names:
+        pid = name[len(start):].split("-", 1)[0]
+        if name.startswith(start) and pid.isdigit() and not _alive(int(pid)) and _mine(name):
+            _unlink(name)
 
 
 def valid_prefix(prefix: str) -> bool:
@@ -244,6 +265,30 @@ def _unchanged(address: int, length: int) -> bool:
     except OSError:
         return False
     return len(entries) == (last - first + 1) * 8 and b"\x01" not in entries[7::8].translate(_PRIVATE_COPY)
+
+
+def _pid_namespace() -> int:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _mine(name: str) -> bool:
+    try:
+        return os.lstat(os.path.join(SHM_DIR, name)).st_uid == os.getuid()
+    except OSError:
+        return False
 
 
 def _free_bytes() -> int:
