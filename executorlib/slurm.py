@@ -225,20 +225,13 @@ class SrunProcess(WorkerProcess):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.popen.pid, signal.SIGTERM)
 
-    def _drain_stderr(self) -> None:
-        if not self._stopped:
-            super()._drain_stderr()
-            return
-        while self._stderr >= 0:  # srun reporting the cancellation we asked for is no news
-            try:
-                chunk = os.read(self._stderr, 65536)
-            except BlockingIOError:
-                return
-            if not chunk:
-                self._stderr = -1
+    def _on_stderr(self, chunk: bytes) -> None:
+        if not self._stopped:  # srun reporting the cancellation we asked for is no news
+            super()._on_stderr(chunk)
 
     def how_it_ended(self) -> str:
-        step_id, state = step_outcome(self._tail.decode(errors="replace"))
+        srun_said = super().how_it_ended()  # exit status and the last lines of stderr
+        step_id, state = step_outcome(srun_said)
         where = f"Slurm step {step_id}" if step_id else f"a Slurm step of job {self.job_id}"
         text = f"{where}: {state}"
         if "TIME LIMIT" in state or self.popen.returncode != 0:
@@ -249,7 +242,7 @@ class SrunProcess(WorkerProcess):
                     f" (its own limit: run_time_max={self.resources.run_time_max} s, i.e. "
                     f"srun --time={math.ceil(self.resources.run_time_max / 60)} min)"
                 )
-        return f"{text}; srun: {super().how_it_ended()}"
+        return f"{text}; srun: {srun_said}"
 
 
 class SrunSpawner:

@@ -74,9 +74,13 @@ class WorkerProcess:
             if not chunk:
                 self._stderr = -1
                 return
-            sys.stderr.write(chunk.decode(errors="replace"))
-            self._tail += chunk
-            del self._tail[:-_STDERR_TAIL_BYTES]
+            self._on_stderr(chunk)
+
+    def _on_stderr(self, chunk: bytes) -> None:
+        """Pass the worker's stderr through to ours; keep its last lines."""
+        sys.stderr.write(chunk.decode(errors="replace"))
+        self._tail += chunk
+        del self._tail[:-_STDERR_TAIL_BYTES]
 
     def how_it_ended(self) -> str:
         """E.g. 'exit code 1' or 'signal SIGKILL (9)', plus the last lines of stderr."""
