@@ -176,7 +176,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[4])
     counts = {state: sum(c.state == state for c in calls) for state in dict.fromkeys(c.state for c in calls)}
-    print(f"{len(calls)} calls: " + ", ".join(f"{n} {state}" for state, n in counts.items()))
+    summary = ", ".join(f"{n} {state}" for state, n in counts.items())
+    print(f"{len(calls)} call{'s' * (len(calls) != 1)}: {summary}")
     return 0
 
 
