@@ -5,6 +5,8 @@ cluster, the submission notebook submits real ``sbatch`` jobs and restarts its k
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -72,3 +74,23 @@ def test_submission_notebook_restarts_its_kernel(slurm, tmp_path):
     run("3-hpc-submission.ipynb", tmp_path, timeout=280)
     assert (tmp_path / "job_before_restart.txt").read_text().isdigit()
     assert not (tmp_path / "jobs_cache" / "jobs").exists()  # cleaned by `executorlib clean`
+
+
+def test_binder_environment_has_what_the_local_notebook_needs():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    yaml = pytest.importorskip("yaml")
+    environment = yaml.safe_load((REPO / "binder" / "environment.yml").read_text())
+    assert environment["channels"] == ["conda-forge"]
+    names = {re.split(r"[=<>]", spec)[0].removesuffix("-base") for spec in environment["dependencies"]}
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    needed = [*project["dependencies"], *extras["mpi"], *extras["cache"], *extras["graph"]]
+    needed = {re.split(r"[=<>\[ ]", spec)[0] for spec in needed}
+    notebook = nbformat.read(REPO / "notebooks" / "1-local.ipynb", as_version=4)
+    imported = set(re.findall(r"^\s*(?:from|import) (\w+)", "\n".join(
+        cell.source for cell in notebook.cells if cell.cell_type == "code"), re.MULTILINE))
+    needed |= imported - set(sys.stdlib_module_names) - {"executorlib"}
+    assert needed <= names, f"binder/environment.yml lacks {sorted(needed - names)}"
+    assert {"python", "pip", "openmpi", "ipykernel"} <= names
+    post_build = REPO / "binder" / "postBuild"
+    assert os.access(post_build, os.X_OK) and "pip install --no-deps ." in post_build.read_text()
