@@ -23,6 +23,7 @@ This is the only module that imports h5py (``pip install 'executorlib[cache]'``)
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import io
@@ -38,11 +39,12 @@ from typing import Any
 from executorlib.dependencies import settle
 from executorlib.errors import with_remote_traceback
 from executorlib.interactive.protocol import to_bytes
+from executorlib.resources import Resources
 from executorlib.task import Task
 
 try:
     import numpy as np
-    from h5py import h5a, h5d, h5f, h5s, h5t
+    from h5py import h5a, h5d, h5f, h5p, h5s, h5t
 except ImportError as _error:  # pragma: no cover - depends on the installation
     raise ImportError(
         "cache_directory and submission mode store results in HDF5 files, which needs h5py: "
@@ -52,6 +54,9 @@ except ImportError as _error:  # pragma: no cover - depends on the installation
 BLOBS = ("function", "args", "kwargs", "resources", "result", "error", "traceback")
 _ATTRIBUTE_MAX = 32 * 1024  # bigger blobs go to datasets (attribute limit: 64 kB)
 _CODE_DIGESTS: dict[types.CodeType, bytes] = {}
+# No HDF5 file locks: files are never changed in place (written aside, then replaced).
+_ACCESS = h5p.create(h5p.FILE_ACCESS)
+_ACCESS.set_file_locking(False, True)
 
 
 # ------------------------------------------------------------------ the key
@@ -134,7 +139,7 @@ def _code_digest(code: types.CodeType) -> bytes:
 def write_file(path: str, blobs: dict[str, bytes], name: str, runtime: float = 0.0) -> None:
     """Write ``blobs`` (pickles) plus ``name`` and ``runtime`` to ``path`` atomically."""
     temporary = f"{path}.{os.getpid()}.tmp"
-    fid = h5f.create(temporary.encode(), h5f.ACC_TRUNC)
+    fid = h5f.create(temporary.encode(), h5f.ACC_TRUNC, fapl=_ACCESS)
     try:
         for key, blob in blobs.items():
             _write_blob(fid, key, blob)
@@ -164,7 +169,7 @@ def read_file(path: str, keys: tuple[str, ...] = BLOBS) -> dict[str, Any]:
     """The blobs of ``keys`` present in ``path`` (bytes), plus ``name`` and ``runtime``.
 
     Raises ``OSError`` (missing, truncated or not HDF5) or ``KeyError`` (not ours)."""
-    fid = h5f.open(path.encode(), h5f.ACC_RDONLY)
+    fid = h5f.open(path.encode(), h5f.ACC_RDONLY, fapl=_ACCESS)
     try:
         found = {key: _read_blob(fid, key) for key in keys if _has(fid, key)}
         found["name"] = _read_blob(fid, "name").decode()
@@ -208,7 +213,7 @@ def read_outcome(path: str, warn: bool = True) -> tuple[str, Any] | None:
     if not os.path.exists(path):
         return None
     try:
-        fid = h5f.open(path.encode(), h5f.ACC_RDONLY)
+        fid = h5f.open(path.encode(), h5f.ACC_RDONLY, fapl=_ACCESS)
         try:
             if _has(fid, "result"):
                 return "result", pickle.loads(_read_blob(fid, "result"))
@@ -263,8 +268,14 @@ def call_blobs(task: Task) -> dict[str, bytes]:
         "function": cloudpickle.dumps(task.fn, protocol=5),
         "args": to_bytes(task.args),
         "kwargs": to_bytes(task.kwargs),
-        "resources": pickle.dumps(task.resources.as_dict(), protocol=5),
+        "resources": resources_blob(task.resources),
     }
+
+
+@functools.lru_cache(maxsize=64)
+def resources_blob(resources: Resources) -> bytes:
+    """The pickled ``as_dict()`` of ``resources`` (computed once per distinct value)."""
+    return pickle.dumps(resources.as_dict(), protocol=5)
 
 
 # ----------------------------------------------------------- the cache

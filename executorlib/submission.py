@@ -23,16 +23,16 @@ second run of the same script computes the same keys and finds results and jobs.
 from __future__ import annotations
 
 import os
-import pickle
 import threading
 import warnings
+import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from executorlib.cache import Upstream, read_outcome, task_key, write_file
+from executorlib.cache import Upstream, read_outcome, resources_blob, task_key, write_file
 from executorlib.dependencies import settle, substitute, when_resolved
 from executorlib.errors import WorkerDiedError
 from executorlib.executor import Options, WorkerExecutor
@@ -50,6 +50,7 @@ from executorlib.task import Task
 
 _POLL_MIN_S, _POLL_MAX_S = 0.05, 2.0
 _TAIL_BYTES = 4096
+_LIVE: weakref.WeakSet[Submitter] = weakref.WeakSet()
 
 
 class Queue(Protocol):
@@ -94,7 +95,9 @@ class Submitter:
         self._cond = threading.Condition()
         self._kicked = False
         self._stopping = False
+        self._leaving = False
         self._thread = threading.Thread(target=self._run, name="executorlib-watcher", daemon=True)
+        _LIVE.add(self)
 
     # ----------------------------------------------------------------- any thread
     def start(self) -> None:
@@ -129,6 +132,13 @@ class Submitter:
         if wait and threading.current_thread() is not self._thread:
             self._thread.join()
 
+    def leave(self) -> None:
+        """At interpreter exit: submit what may be submitted, then stop watching (a
+        thread stopped mid-way in h5py would deadlock h5py's own exit handler)."""
+        self._kick(setattr, self, "_leaving", True)
+        if self._thread.is_alive():
+            self._thread.join()
+
     def _kick(self, action: Callable[..., Any], *args: Any) -> None:
         with self._cond:
             action(*args)
@@ -145,13 +155,21 @@ class Submitter:
         interval = _POLL_MIN_S
         while True:
             with self._cond:
+                if self._stopping and self._all_done():
+                    return
                 if not self._kicked:
                     self._cond.wait(interval if self._active or self._waiting else None)
-                self._kicked = False
-                if self._stopping and not (self._active or self._waiting or self._to_cancel):
-                    return
-            busy = self._cancel_jobs() + self._admit() + self._watch()
+                self._kicked, leaving = False, self._leaving
+            busy = self._cancel_jobs() + self._admit()
+            if leaving:  # the interpreter exits: what is submitted stays in the queue
+                return
+            busy += self._watch()
             interval = _POLL_MIN_S if busy else min(2 * interval, _POLL_MAX_S)
+
+    def _all_done(self) -> bool:
+        if self._active or self._waiting or self._to_cancel:
+            return False
+        return all(future.done() for future in self._records)  # none waits for an input
 
     def _admit(self) -> int:
         """Prepare waiting calls in order, while the cap on queued jobs allows."""
@@ -234,7 +252,7 @@ class Submitter:
             "function": cloudpickle.dumps(task.fn, protocol=5),
             "args": cloudpickle.dumps(task.args, protocol=5),
             "kwargs": cloudpickle.dumps(task.kwargs, protocol=5),
-            "resources": pickle.dumps(task.resources.as_dict(), protocol=5),
+            "resources": resources_blob(task.resources),
             "result_path": self._result_path(record.key).encode(),
         }
         write_file(record.spec.task_file, blobs, task.name)
@@ -316,6 +334,14 @@ class Submitter:
                 return file.read().strip() or None
         except FileNotFoundError:
             return None
+
+
+def _leave_at_exit() -> None:
+    for submitter in list(_LIVE):
+        submitter.leave()
+
+
+threading._register_atexit(_leave_at_exit)  # type: ignore[attr-defined]
 
 
 def _unpicklable(task: Task, error: Exception) -> Exception:
