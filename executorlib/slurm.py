@@ -306,17 +306,26 @@ class SlurmJobExecutor(WorkerExecutor):
             self._settings = SrunSettings(self._allocation.job_id, pmi_mode, _find_srun())
         host = "127.0.0.1" if hostname_localhost else socket.gethostname()
         spawner = SrunSpawner(self._settings, host)
-        self._check_max_cores(options.max_cores)
+        self._check_max_cores(options)
         self._setup(options, lambda: self._scheduler_for(spawner, host))
 
     def _available_cores(self) -> int:
         return self._allocation.cpus
 
-    def _check_max_cores(self, max_cores: int | None) -> None:
-        if max_cores is not None and max_cores > self._allocation.cpus:
+    def _check_max_cores(self, options: Options) -> None:
+        """More cores than the allocation holds would leave steps waiting forever."""
+        job, cpus = self._allocation.job_id, self._allocation.cpus
+        if options.max_cores is not None and options.max_cores > cpus:
             raise ValueError(
-                f"max_cores={max_cores} but the allocation (Slurm job {self._allocation.job_id}) "
-                f"holds {self._allocation.cpus} CPUs; lower max_cores or ask salloc/sbatch for more"
+                f"max_cores={options.max_cores} but the allocation (Slurm job {job}) holds {cpus} "
+                "CPUs; lower max_cores or ask salloc/sbatch for more"
+            )
+        wanted = (options.max_workers or 1) * options.resources.slots
+        if options.block_allocation and wanted > cpus:
+            raise ValueError(
+                f"max_workers={options.max_workers} workers x {options.resources.slots} cores "
+                f"each need {wanted} CPUs but the allocation (Slurm job {job}) holds {cpus}; "
+                "lower max_workers or ask salloc/sbatch for more"
             )
 
     def _check_fits(self, resources: Resources) -> None:

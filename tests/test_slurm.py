@@ -104,6 +104,19 @@ def test_outside_an_allocation_the_backend_says_so(monkeypatch):
         Allocation("9", 2)
 
 
+@pytest.mark.parametrize(("options", "match"), [
+    ({"max_cores": 5}, r"max_cores=5 but the allocation \(Slurm job 7\) holds 4 CPUs"),
+    ({"max_workers": 5, "block_allocation": True}, r"need 5 CPUs but the allocation .* holds 4"),
+    ({"max_workers": 2, "block_allocation": True, "resource_dict": {"cores": 3}}, "need 6 CPUs"),
+    ({"resource_dict": {"threads_per_core": 5}}, r"asks for 5 cores .* holds 4 CPUs"),
+])
+def test_asking_for_more_than_the_allocation_fails_at_once(monkeypatch, options, match):
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_JOB_CPUS_PER_NODE", "2(x2)")
+    with pytest.raises(ValueError, match=match):
+        Executor(backend="slurm_allocation", **options)
+
+
 # -------------------------------------------------- srun's last words (real)
 @pytest.mark.parametrize(("stderr", "step", "account"), [
     ("srun: error: vm: task 1: Killed\n"
