@@ -1,12 +1,15 @@
 """Shared test set-up: every test is time-bounded (pytest-timeout, see pyproject.toml)
 and must leave no process behind: after each test, the test's child processes and any
-new executorlib worker anywhere on the machine must be gone within a grace period."""
+new executorlib worker of this test session (wherever it runs: srun steps and orphans
+included, recognised by a session marker in their environment) must be gone within a
+grace period. Workers of other sessions on the same machine are left alone."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import time
+import uuid
 
 import psutil
 import pytest
@@ -16,13 +19,18 @@ _GRACE_S = 15.0
 collect_ignore = [] if os.environ.get("SLURM_JOB_ID") else ["allocation"]
 
 
+_SESSION = os.environ.setdefault("EXECUTORLIB_TEST_SESSION", uuid.uuid4().hex)
+
+
 def _workers() -> set[int]:
-    """PIDs of executorlib worker processes on this machine (any parent)."""
+    """PIDs of this session's executorlib worker processes on this machine (any parent)."""
     found = set()
     for process in psutil.process_iter(["pid", "cmdline"]):
         cmdline = process.info["cmdline"] or []
         if any("executorlib.backend" in part for part in cmdline):
-            found.add(process.info["pid"])
+            with contextlib.suppress(psutil.Error):
+                if process.environ().get("EXECUTORLIB_TEST_SESSION") == _SESSION:
+                    found.add(process.info["pid"])
     return found
 
 

@@ -21,7 +21,6 @@ import os
 import socket
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import zmq
 
@@ -32,15 +31,14 @@ _HEARTBEAT_MS = 5_000
 _HEARTBEAT_TIMEOUT_MS = 60_000
 
 
-@dataclass(slots=True)
 class Peer:
     """A worker that proved the secret: its routing id and who it says it is."""
 
-    routing_id: bytes
-    worker_id: int
-    host: str
-    pid: int
-    shm: SharedMemory | None = None  # large buffers through /dev/shm (same machine)
+    __slots__ = ("routing_id", "worker_id", "host", "pid", "shm")
+
+    def __init__(self, routing_id: bytes, worker_id: int, host: str, pid: int) -> None:
+        self.routing_id, self.worker_id, self.host, self.pid = routing_id, worker_id, host, pid
+        self.shm: SharedMemory | None = None  # large buffers through /dev/shm (same machine)
 
 
 class ExecutorSocket:

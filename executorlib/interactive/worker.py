@@ -6,7 +6,6 @@ MPI rank 0, by ``interactive_parallel``. Imports nothing the worker does not nee
 
 from __future__ import annotations
 
-import inspect
 import os
 import sys
 from collections.abc import Callable
@@ -88,6 +87,8 @@ class Preload:
     def _declared(self, fn: Callable) -> frozenset[str]:
         key = getattr(fn, "__code__", fn)
         if key not in self._names:
+            import inspect  # only workers with an init_function pay for it
+
             try:
                 self._names[key] = frozenset(inspect.signature(fn).parameters)
             except (TypeError, ValueError):
