@@ -49,6 +49,10 @@ def crash(text):
     os._exit(3)
 
 
+def increment(x):
+    return x + 1
+
+
 def wait_marker_then_sleep(marker, seconds):
     Path(marker).touch()
     time.sleep(seconds)
@@ -170,7 +174,7 @@ def test_status_cancel_clean_of_slurm_jobs(slurm, in_tmp):
     for future in finished:
         future.exception(timeout=120)
     sleeper = exe.submit(wait_marker_then_sleep, str(marker), 120)
-    waiter = exe.submit(add, sleeper, 1)
+    waiter = exe.submit(increment, sleeper)
     deadline = time.monotonic() + 120
     while not marker.exists() and time.monotonic() < deadline:  # the job has started
         time.sleep(0.2)
@@ -180,9 +184,8 @@ def test_status_cancel_clean_of_slurm_jobs(slurm, in_tmp):
     assert rows["crash"]["state"] == "failed"
     assert "ended in state FAILED" in rows["crash"]["error"] and "last words" in rows["crash"]["error"]
     assert rows["wait_marker_then_sleep"]["state"] == "running"
-    queued = [row for row in json.loads(executorlib("status", "cache", "--json").stdout)
-              if row["state"] == "queued"]
-    assert len(queued) == 1 and "Dependency" in queued[0]["error"]
+    assert rows["increment"]["state"] == "queued" and "Dependency" in rows["increment"]["error"]
+    assert len(rows) == 5  # one row per call: no two calls share a function here
 
     cancel = executorlib("cancel", "cache")
     assert cancel.returncode == 0, cancel.stderr
