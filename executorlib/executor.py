@@ -160,6 +160,8 @@ class WorkerExecutor(Executor):
 
     def _resources_for(self, resource_dict: dict | None) -> Resources:
         default = self._options.resources
+        if not resource_dict:
+            return default  # checked once in _setup
         resources = Resources.from_dict(resource_dict, base=default)
         if self._options.block_allocation and resources != default:
             raise ValueError(

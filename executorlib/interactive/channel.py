@@ -27,6 +27,8 @@ import zmq
 from executorlib.interactive import protocol
 from executorlib.interactive.shm import SharedMemory, fingerprint, owner_prefix, sweep_stale, valid_prefix
 
+_ZERO_COPY_MIN = 64 * 1024
+_EVENTS, _POLLIN, _SNDMORE = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.SNDMORE)
 _HEARTBEAT_MS = 5_000
 _HEARTBEAT_TIMEOUT_MS = 60_000
 
@@ -64,17 +66,15 @@ class ExecutorSocket:
         A valid HELLO is answered here and returned with kind HELLO; anything from a
         peer that has not proven the secret is dropped unread.
         """
-        while True:
-            try:
-                routing_id, kind, *frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return None
+        while self.socket.getsockopt(_EVENTS) & _POLLIN:  # cheaper than catching zmq.Again
+            routing_id, kind, *frames = self.socket.recv_multipart(copy=False)
             routing_id, kind = routing_id.bytes, kind.bytes
             peer = self.peers.get(routing_id)
             if peer is not None:
                 return peer, kind, peer.shm.attach(frames) if peer.shm and frames else frames
             if kind == protocol.HELLO and (peer := self._admit(routing_id, frames)):
                 return peer, kind, []
+        return None
 
     def _admit(self, routing_id: bytes, frames: list) -> Peer | None:
         if len(frames) != 6:
@@ -96,7 +96,7 @@ class ExecutorSocket:
         """Send one message; large frames go without a copy (or through /dev/shm)."""
         if peer.shm is not None and frames:
             frames = peer.shm.export(frames)
-        self.socket.send_multipart([peer.routing_id, kind, *frames], copy=False)
+        _send(self.socket, [peer.routing_id, kind, *frames])
 
     def forget(self, peer: Peer) -> None:
         """Stop accepting messages from a peer whose process has ended, and remove
@@ -174,10 +174,20 @@ class WorkerConnection:
     def send(self, kind: bytes, frames: list = ()) -> None:
         """Send the reply to the last message received."""
         if self.shm is None:
-            self.socket.send_multipart([kind, *frames], copy=False)
+            _send(self.socket, [kind, *frames])
             return
-        self.socket.send_multipart([kind, *self.shm.export(list(frames))], copy=False)
+        _send(self.socket, [kind, *self.shm.export(list(frames))])
         self.shm.release()
+
+
+def _send(socket: zmq.Socket, frames: list) -> None:
+    """Send one multipart message. Large frames go without a copy; small ones are
+    copied, which is cheaper than a zero-copy send's bookkeeping. (Frame by frame:
+    ``send_multipart`` adds several microseconds of Python per message.)"""
+    last = len(frames) - 1
+    for index, frame in enumerate(frames):
+        flags = 0 if index == last else _SNDMORE
+        socket.send(frame, flags, copy=len(frame) < _ZERO_COPY_MIN)
 
 
 def _bind_address(host: str) -> str:

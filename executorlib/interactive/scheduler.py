@@ -150,11 +150,12 @@ class Scheduler:
                     ))
                 return
             self._inbox.items.append(item)
-        self._wake()
+            if threading.get_ident() != self._thread.ident:
+                os.eventfd_write(self._inbox.fd, 1)
 
     def _wake(self) -> None:
         with self._lock:
-            if not self._closed and threading.current_thread() is not self._thread:
+            if not self._closed and threading.get_ident() != self._thread.ident:
                 os.eventfd_write(self._inbox.fd, 1)
 
     # ------------------------------------------------------------ manager thread
