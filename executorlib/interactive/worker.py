@@ -37,6 +37,8 @@ def connect_from_argv() -> WorkerConnection:
 def serve(connection: WorkerConnection, run: Runner, on_lost: Callable[[], None]) -> None:
     """Answer INIT and CALL messages until STOP; ``on_lost`` if the executor vanishes."""
     connection.watch_executor(on_lost)
+    if not connection.socket.poll(0):  # idle (a spare worker): load what calls by value need
+        import cloudpickle  # noqa: F401
     while True:
         kind, frames = connection.receive()
         if kind == protocol.STOP:
