@@ -118,6 +118,26 @@ class BehaviourSuite:
             assert exe.submit(with_preload, 2, j=5).result(timeout=60) == 10
             assert len({exe.submit(pid).result(timeout=60) for _ in range(20)}) <= 2
 
+    def test_long_queue_resolves_every_call_on_its_own(self):
+        """Many waiting calls travel in batches; each still succeeds or fails alone."""
+        import threading
+
+        with self.executor(max_workers=1, block_allocation=True) as exe:
+            futures = [
+                exe.submit(fail, f"no {i}") if i % 10 == 3 else exe.submit(add, i, 1) for i in range(200)
+            ]
+            futures[50] = exe.submit(add, threading.Lock(), 1)  # cannot be pickled
+            futures += [exe.submit(add, i, 1) for i in range(200, 240)]
+            for i, future in enumerate(futures):
+                if i == 50:
+                    with pytest.raises(TypeError, match="cannot be pickled"):
+                        future.result(timeout=60)
+                elif i % 10 == 3 and i < 200:
+                    with pytest.raises(KeyError, match=f"no {i}"):
+                        future.result(timeout=60)
+                else:
+                    assert future.result(timeout=60) == i + 1
+
     def test_one_worker_per_call_gets_a_fresh_process(self):
         with self.executor() as exe:
             pids = [exe.submit(pid).result(timeout=60) for _ in range(3)]

@@ -2,14 +2,13 @@
 
 import os
 
-from executorlib.interactive import protocol
-from executorlib.interactive.worker import Preload, connect_from_argv, run_call, serve
+from executorlib.interactive.worker import Preload, connect_from_argv, run_message, serve
 
 
 def main() -> None:
     connection = connect_from_argv()
     preload = Preload()
-    serve(connection, lambda frames: run_call(preload, protocol.loads(frames)), lambda: os._exit(1))
+    serve(connection, lambda frames: run_message(preload, frames), lambda: os._exit(1))
 
 
 if __name__ == "__main__":

@@ -60,6 +60,11 @@ class CallEncoder:
         """Frames of the call; raises if the function or arguments cannot be pickled."""
         return protocol.dumps(_WireCall(self._function_pickle(fn), args, kwargs), by_value=True)
 
+    def encode_batch(self, calls: list[tuple[Callable, tuple, dict]]) -> list:
+        """Frames of several calls in one message; the worker runs them in order."""
+        wire = [_WireCall(self._function_pickle(fn), args, kwargs) for fn, args, kwargs in calls]
+        return protocol.dumps(wire, by_value=True)
+
     def _function_pickle(self, fn: Callable) -> bytes:
         captured = _captured(fn)
         cached = self._functions.get(id(fn))

@@ -2,7 +2,9 @@
 
 While every worker is busy and calls wait, each worker is sent one call ahead, so it
 never sits idle between calls (the standard library's pool queues ahead the same way);
-that call counts as running and can no longer be cancelled.
+that call counts as running and can no longer be cancelled. While a long queue waits (at
+least 16 calls per worker), calls travel eight to a message, which halves the messages
+per call; each result still comes back on its own as soon as it is there.
 
 ``init_function`` runs once per worker when it connects; a worker is idle only after
 that. A worker that ends is replaced. If workers die before they ever connect, or
@@ -22,7 +24,8 @@ from executorlib.interactive.scheduler import ResultCache, Scheduler, Spawner, W
 from executorlib.resources import Resources
 
 _START_FAILURES_BEFORE_BROKEN = 3
-_CALLS_PER_WORKER = 2  # the running call and one sent ahead
+_CALLS_PER_WORKER = 2  # a worker gets more once it holds fewer calls than this
+_MAX_BATCH = 8  # calls in one message when many wait
 
 
 class PoolScheduler(Scheduler):
@@ -52,9 +55,20 @@ class PoolScheduler(Scheduler):
                 settle(self._pending.popleft().future, exception=self._broken_error())
             return
         while self._pending and (worker := self._least_busy()) is not None:
-            task = self._pending.popleft()
-            if task.future.set_running_or_notify_cancel():
-                self._send_call(worker, task)
+            batch = []
+            while self._pending and len(batch) < self._batch_size():
+                task = self._pending.popleft()
+                if task.future.set_running_or_notify_cancel():
+                    batch.append(task)
+            self._send_calls(worker, batch)
+
+    def _batch_size(self) -> int:
+        """Calls per message: _MAX_BATCH while at least twice that many wait per worker
+        (a long queue of calls), else one; MPI workers take one call at a time."""
+        if self._resources.cores > 1:
+            return 1
+        share = len(self._pending) // max(1, len(self._ready))
+        return _MAX_BATCH if share >= 2 * _MAX_BATCH else 1
 
     def _least_busy(self) -> Worker | None:
         worker = min(self._ready, key=lambda w: len(w.tasks), default=None)

@@ -243,6 +243,21 @@ class Scheduler:
         self._socket.send(worker.peer, protocol.CALL, frames)
         return True
 
+    def _send_calls(self, worker: Worker, tasks: list[Task]) -> None:
+        """Hand several tasks to ``worker`` in one message (one result each comes back);
+        if the batch cannot be pickled, each task goes alone so only the bad one fails."""
+        if len(tasks) > 1:
+            try:
+                frames = self._encoder.encode_batch([(t.fn, t.args, t.kwargs) for t in tasks])
+            except Exception:
+                frames = None
+            if frames is not None:
+                worker.tasks.extend(tasks)
+                self._socket.send(worker.peer, protocol.CALL, frames)
+                return
+        for task in tasks:
+            self._send_call(worker, task)
+
     def _on_message(self, peer: Peer, kind: bytes, frames: list) -> None:
         worker = self._workers.get(peer.worker_id)
         if worker is None:

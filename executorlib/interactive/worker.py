@@ -46,14 +46,45 @@ def serve(connection: WorkerConnection, run: Runner, on_lost: Callable[[], None]
         try:
             value = run(frames)
         except BaseException as exception:  # the function's error travels back by value
-            connection.send(protocol.FAILURE, protocol.dumps_failure(exception))
-            continue
-        if isinstance(value, protocol.Failure):  # an MPI rank failed
-            connection.send(protocol.FAILURE, protocol.dumps(value))
-        elif kind == protocol.INIT:
+            value = protocol.Failure(exception, "")
+        if kind == protocol.INIT and not isinstance(value, protocol.Failure):
             connection.send(protocol.READY)
+        elif isinstance(value, Batch):
+            for outcome in value:  # each result leaves as soon as it is there
+                _reply(connection, outcome)
         else:
-            _send_result(connection, value)
+            _reply(connection, value)
+
+
+class Batch:
+    """The outcomes of several calls that came in one CALL message, produced lazily in
+    order: each a value, or a :class:`protocol.Failure` for a call that raised."""
+
+    def __init__(self, preload: Preload, calls: list) -> None:
+        self._preload, self._calls = preload, calls
+
+    def __iter__(self):
+        for call in self._calls:
+            try:
+                yield run_call(self._preload, call)
+            except BaseException as exception:
+                yield protocol.Failure(exception, "")
+
+
+def run_message(preload: Preload, frames: list) -> Any:
+    """Run what one INIT or CALL message holds in this process: one call or a Batch."""
+    message = protocol.loads(frames)
+    return Batch(preload, message) if isinstance(message, list) else run_call(preload, message)
+
+
+def _reply(connection: WorkerConnection, value: Any) -> None:
+    if isinstance(value, protocol.Failure):
+        if not value.traceback:
+            connection.send(protocol.FAILURE, protocol.dumps_failure(value.exception))
+        else:  # already formatted (an MPI rank's)
+            connection.send(protocol.FAILURE, protocol.dumps(value))
+        return
+    _send_result(connection, value)
 
 
 def _send_result(connection: WorkerConnection, value: Any) -> None:
