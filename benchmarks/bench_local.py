@@ -93,7 +93,7 @@ def chain_ms_per_link(exe, links: int, use_futures: bool) -> float:
 
 def echo_gbps(exe, array: np.ndarray) -> float:
     exe.submit(noop, array[:10]).result()
-    seconds = timed(lambda: exe.submit(noop, array).result(), 3)
+    seconds = timed(lambda: exe.submit(noop, array).result(), 5)
     return array.nbytes / seconds / 1e9
 
 
