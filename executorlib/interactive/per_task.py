@@ -2,9 +2,10 @@
 
 Calls start in submission order while ``sum(cores * threads_per_core) <= max_cores``;
 the rest wait in the queue (the manager thread sleeps in its poll; nothing spins). While
-cores are free and nothing waits, one spare worker with the executor's default resources
-is started ahead, so the next call finds a process that has already booted; a spare
-still serves exactly one call. Cores are released when a worker's process has ended.
+cores are free and nothing waits, spare workers with the executor's default resources
+are started ahead (up to two), so the next call finds a process that has already booted;
+a spare still serves exactly one call, and spares give their cores back at once when a
+call needs them. Cores are released when a worker's process has ended.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from executorlib.interactive import protocol
 from executorlib.interactive.scheduler import ResultCache, Scheduler, Spawner, Worker
 from executorlib.resources import Resources
 from executorlib.task import Task
+
+_SPARES = 2  # booted workers kept ready while cores allow: back-to-back calls find one
 
 
 class PerTaskScheduler(Scheduler):
@@ -26,26 +29,26 @@ class PerTaskScheduler(Scheduler):
         self._default = default
         self._max_cores = max_cores
         self._used = 0
-        self._spare: Worker | None = None
-        self._keep_spare = spare
+        self._spares: list[Worker] = []
+        self._keep_spares = spare
 
     def _schedule(self) -> None:
         while self._pending:
             task = self._pending[0]
             if task.future.cancelled():
                 self._pending.popleft()
-            elif self._spare is not None and self._spare.resources == task.resources:
+            elif self._spares and self._default == task.resources:
                 self._pending.popleft()
                 self._run_on_spare(task)
             elif self._used + task.resources.slots <= self._max_cores:
                 self._pending.popleft()
                 self._start_for(task)
             else:
-                if self._spare is not None:  # its cores are needed for a real call
-                    self._spare.process.stop()
-                    self._spare = None
+                for spare in self._spares:  # their cores are needed for a real call
+                    spare.process.stop()
+                self._spares.clear()
                 return
-        self._start_spare()
+        self._start_spares()
 
     def _start_for(self, task: Task) -> None:
         if not task.future.set_running_or_notify_cancel():
@@ -55,24 +58,27 @@ class PerTaskScheduler(Scheduler):
             self._used -= task.resources.slots
 
     def _run_on_spare(self, task: Task) -> None:
-        worker, self._spare = self._spare, None
         if not task.future.set_running_or_notify_cancel():
-            self._spare = worker
             return
+        booted = [spare for spare in self._spares if spare.peer is not None]
+        worker = (booted or self._spares)[0]
+        self._spares.remove(worker)
         worker.tasks.append(task)
         if worker.peer is not None:
             self._dispatch(worker)
 
-    def _start_spare(self) -> None:
-        if (
-            self._keep_spare and self._spare is None and not self._stopping
+    def _start_spares(self) -> None:
+        while (
+            self._keep_spares and len(self._spares) < _SPARES and not self._stopping
             and self._used + self._default.slots <= self._max_cores
         ):
             self._used += self._default.slots
-            self._spare = self._spawn(self._default)
-            if self._spare is None:
+            spare = self._spawn(self._default)
+            if spare is None:
                 self._used -= self._default.slots
-                self._keep_spare = False  # the launcher fails; real calls will report why
+                self._keep_spares = False  # the launcher fails; real calls will report why
+                return
+            self._spares.append(spare)
 
     def _dispatch(self, worker: Worker) -> None:
         if not self._send_call(worker, worker.tasks.popleft()):
@@ -92,5 +98,5 @@ class PerTaskScheduler(Scheduler):
 
     def _on_worker_gone(self, worker: Worker) -> None:
         self._used -= worker.resources.slots
-        if worker is self._spare:
-            self._spare = None
+        if worker in self._spares:
+            self._spares.remove(worker)
