@@ -113,7 +113,7 @@ class Scheduler:
     def submit(self, task: Task, inputs: list | None = None) -> None:
         """Queue ``task``; with ``inputs`` (futures), only once they all succeeded."""
         if not inputs:
-            self._post(task)
+            self._post_unless_cached(task)
             return
         with self._lock:
             self._waiting.add(task)
@@ -133,8 +133,14 @@ class Scheduler:
 
     def _release(self, task: Task) -> None:
         task.args, task.kwargs = substitute(task.args), substitute(task.kwargs)
-        self._post(task)
+        self._post_unless_cached(task)
         self._forget_waiting(task)
+
+    def _post_unless_cached(self, task: Task) -> None:
+        """A cache hit resolves the future right here, in the submitting (or releasing)
+        thread, with no hand-off to the manager; a miss is queued."""
+        if self._cache is None or not self._cache.load(task):
+            self._post(task)
 
     def _forget_waiting(self, task: Task) -> None:
         with self._lock:
@@ -193,8 +199,7 @@ class Scheduler:
         while self._inbox.items:
             item = self._inbox.items.popleft()
             if isinstance(item, Task):
-                if self._cache is None or not self._cache.load(item):
-                    self._pending.append(item)
+                self._pending.append(item)
             else:
                 self._stopping = True
                 if item[1]:  # cancel_futures
