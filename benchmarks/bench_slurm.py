@@ -6,9 +6,10 @@ Outside an allocation the script re-runs itself under ``salloc -n 4`` (the test
 cluster: ``scripts/slurm-test-cluster start``). Rows:
 
 - a bare ``srun -n 1 --exact true`` step (the floor of any srun-launched worker);
-- one worker per call through srun: a call to an idle executor (its spare worker has
-  booted), and calls back to back (each waits for the next worker to boot), beside
-  the same two on local workers;
+- one worker per call through srun: a call to an idle executor, and calls back to back,
+  beside the same two on local workers. Local executors keep booted spare workers, so
+  their idle call skips the boot; srun executors keep none (an idle spare step would
+  hold CPUs a nested executor needs), so every srun call pays step start + Python boot;
 - block allocation, 2 workers, 2000 no-op calls: over srun, local, and the standard
   library's ProcessPoolExecutor(2).
 """
@@ -44,7 +45,7 @@ def bare_step_ms(repeat: int) -> float:
 
 
 def idle_call_ms(backend: str, repeat: int) -> float:
-    """submit -> result on an executor whose spare worker has had time to boot."""
+    """submit -> result on an executor left idle for a moment (local: its spares boot)."""
     with Executor(backend=backend) as exe:
         exe.submit(noop).result()
         samples = []

@@ -131,7 +131,8 @@ class WorkerExecutor(Executor):
             )
         from executorlib.interactive.per_task import PerTaskScheduler
 
-        return PerTaskScheduler(spawner, options.resources, self._max_cores(), host, cache)
+        spares = getattr(spawner, "spares", False)
+        return PerTaskScheduler(spawner, options.resources, self._max_cores(), host, cache, spares)
 
     def submit(
         self, fn: Callable[..., Any], /, *args: Any, resource_dict: dict | None = None, **kwargs: Any

@@ -5,7 +5,8 @@ the rest wait in the queue (the manager thread sleeps in its poll; nothing spins
 cores are free and nothing waits, spare workers with the executor's default resources
 are started ahead (up to two), so the next call finds a process that has already booted;
 a spare still serves exactly one call, and spares give their cores back at once when a
-call needs them. Cores are released when a worker's process has ended.
+call needs them. Only spawners that declare ``spares = True`` get them (local processes):
+inside an allocation an idle spare step would hold CPUs that a nested executor needs. Cores are released when a worker's process has ended.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ class PerTaskScheduler(Scheduler):
 
     def __init__(
         self, spawner: Spawner, default: Resources, max_cores: int,
-        host: str | None = None, cache: ResultCache | None = None, spare: bool = True,
+        host: str | None = None, cache: ResultCache | None = None, spare: bool = False,
     ) -> None:
         super().__init__(spawner, host, cache)
         self._default = default

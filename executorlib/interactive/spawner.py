@@ -100,6 +100,9 @@ class LocalSpawner:
 
     bind_host = "127.0.0.1"
     name = "local"
+    # Idle spare workers are only safe where nobody else competes for our cores: inside
+    # an allocation an idle spare step would hold CPUs a nested executor needs.
+    spares = True
 
     def start(self, launch: Launch) -> WorkerProcess:
         resources = launch.resources
