@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from executorlib.cache import read_file
+from executorlib.interactive.shm import pid_alive
 from executorlib.queue import FluxQueue, JobState, SlurmQueue, SubmissionError
 
 JOB_SUFFIXES = (".task.h5", ".sh", ".job", ".out")
@@ -229,7 +230,7 @@ def _local_state(job_id: str, paths: set[str]) -> JobState | None:
         return JobState("RUNNING")
     if any(p.endswith(".out") for p in paths):
         return JobState("FAILED")
-    return JobState("PENDING", f"held by process {_owner(job_id)}") if _alive(_owner(job_id)) else None
+    return JobState("PENDING", f"held by process {_owner(job_id)}") if pid_alive(_owner(job_id)) else None
 
 
 def _runs(path: str) -> bool:
@@ -249,11 +250,4 @@ def _owner(job_id: str) -> int:
     return int(job_id.split("-")[1])
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True

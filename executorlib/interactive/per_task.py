@@ -6,7 +6,8 @@ cores are free and nothing waits, spare workers with the executor's default reso
 are started ahead (up to two), so the next call finds a process that has already booted;
 a spare still serves exactly one call, and spares give their cores back at once when a
 call needs them. Only spawners that declare ``spares = True`` get them (local processes):
-inside an allocation an idle spare step would hold CPUs that a nested executor needs. Cores are released when a worker's process has ended.
+inside an allocation an idle spare step would hold CPUs that a nested executor needs.
+Cores are released when a worker's process has ended.
 """
 
 from __future__ import annotations

@@ -81,7 +81,7 @@ def sweep_stale() -> None:
     start = f"{NAME_PREFIX}{_pid_namespace()}-"
     for name in names:
         pid = name[len(start):].split("-", 1)[0]
-        if name.startswith(start) and pid.isdigit() and not _alive(int(pid)) and _mine(name):
+        if name.startswith(start) and pid.isdigit() and not pid_alive(int(pid)) and _mine(name):
             _unlink(name)
 
 
@@ -274,7 +274,8 @@ def _pid_namespace() -> int:
         return 0
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (ours or another user's)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
