@@ -248,6 +248,3 @@ def _runs(path: str) -> bool:
 
 def _owner(job_id: str) -> int:
     return int(job_id.split("-")[1])
-
-
-    return True
