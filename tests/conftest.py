@@ -75,3 +75,40 @@ def pytest_configure(config):
     # Workers started by tests must find the test modules (functions travel by reference).
     here = os.path.dirname(__file__)
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
+
+
+class OtherUser:
+    """A real second Unix user on this machine, for cross-user security tests."""
+
+    def __init__(self, name: str) -> None:
+        import pwd
+
+        entry = pwd.getpwnam(name)
+        self.name, self.uid, self.gid, self.home = name, entry.pw_uid, entry.pw_gid, entry.pw_dir
+
+    def run(self, argv: list[str], timeout: float = 60, **kwargs):
+        """Run ``argv`` as this user (setpriv: their uid, gid, no supplementary groups)."""
+        import subprocess
+
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": self.home}
+        env.update(kwargs.pop("env", {}))
+        prefix = ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups", "--"]
+        return subprocess.run(
+            prefix + argv, env=env, timeout=timeout, capture_output=True, text=True, **kwargs
+        )
+
+
+@pytest.fixture(scope="session")
+def other_user() -> OtherUser:
+    """A second Unix user, ``exlib-other``, created with useradd when missing (needs root)."""
+    import pwd
+    import subprocess
+
+    name = "exlib-other"
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        if os.geteuid() != 0:
+            pytest.skip("cross-user tests create a second Unix user and need root")
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", name], check=True)
+    return OtherUser(name)
