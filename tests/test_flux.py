@@ -29,7 +29,7 @@ from executorlib.flux import (
     pmi_option,
     worker_job,
 )
-from executorlib.interactive import protocol
+from executorlib.interactive.auth import KEYS_ENV, LaunchKeys
 from executorlib.interactive.per_task import PerTaskScheduler
 from executorlib.interactive.spawner import Launch
 from executorlib.processes import python_argv
@@ -101,7 +101,7 @@ def test_pmi_mode_alias():
 
 # ------------------------------------------------------------ pure: the job request
 def launch_for(resources: Resources, worker_id: int = 4) -> Launch:
-    return Launch("tcp://node7:5555", worker_id, resources, b"s" * 32)
+    return Launch("tcp://node7:5555", worker_id, resources, LaunchKeys(b"p" * 40, b"s" * 40))
 
 
 def test_resources_map_to_jobspec_shape_and_attributes(tmp_path):
@@ -151,9 +151,9 @@ def test_worker_job_keeps_the_secret_out_of_argv(tmp_path):
     resources = Resources(cores=2, threads_per_core=3, cwd=str(tmp_path), env={"MY": "1"})
     request = worker_job(launch_for(resources), FluxSettings(log_files=True), "77")
     assert request.command == (*python_argv("interactive_parallel"), "tcp://node7:5555", "4")
-    assert request.environment[protocol.SECRET_ENV] == (b"s" * 32).hex()
-    assert not any(("s" * 64) in part for part in request.command)
-    assert "s" * 64 not in repr(request)
+    assert request.environment[KEYS_ENV] == "p" * 40 + "s" * 40
+    assert not any(("s" * 40) in part for part in request.command)
+    assert "s" * 40 not in repr(request)
     assert request.environment["OMP_NUM_THREADS"] == "3" and request.environment["MY"] == "1"
     assert request.stderr == str(tmp_path / "executorlib-77-worker4.err")
     assert request.name == "executorlib-77-worker4"

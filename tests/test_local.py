@@ -89,35 +89,6 @@ def test_stranger_cannot_make_executor_unpickle(tmp_path):
     assert not marker.exists()
 
 
-def test_worker_rejects_executor_without_secret(tmp_path):
-    """A worker handed a wrong secret never unpickles what the 'executor' sends."""
-    context = zmq.Context()
-    router = context.socket(zmq.ROUTER)
-    port = router.bind_to_random_port("tcp://127.0.0.1")
-    env = {**os.environ, "EXECUTORLIB_SECRET": "00" * 32, "EXECUTORLIB_CONNECT_TIMEOUT": "5"}
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "executorlib.backend.interactive_serial", f"tcp://127.0.0.1:{port}", "0"],
-        env=env, stderr=subprocess.PIPE, text=True,
-    )
-    routing_id, *_ = router.recv_multipart()
-    marker = tmp_path / "pwned"
-    router.send_multipart([routing_id, b"W", b"x" * 32])
-    router.send_multipart([routing_id, b"C", pickle.dumps(_Evil(str(marker)))])
-    _, stderr = worker.communicate(timeout=30)
-    router.close(0)
-    context.term()
-    assert worker.returncode != 0 and "could not prove the executor's secret" in stderr
-    assert not marker.exists()
-
-
-def test_secret_not_on_command_line():
-    with Executor(block_allocation=True, max_workers=1) as exe:
-        worker_pid = exe.submit(pid).result(timeout=60)
-        secret = exe._scheduler._secret.hex()
-        assert secret not in " ".join(psutil.Process(worker_pid).cmdline())
-        assert "EXECUTORLIB_SECRET" not in os.environ
-
-
 def test_large_array_round_trip():
     np = pytest.importorskip("numpy")
     array = np.arange(25_000_000, dtype=np.float64)  # 200 MB

@@ -10,6 +10,7 @@ import pickle
 from mpi4py import MPI
 
 from executorlib import serialize
+from executorlib.interactive.auth import KEYS_ENV
 from executorlib.interactive.worker import Preload, connect_from_argv, run_call, serve
 
 COMM = MPI.COMM_WORLD
@@ -35,10 +36,11 @@ def run_everywhere(preload: Preload, frames: list) -> list | serialize.Failure:
 
 def main() -> None:
     preload = Preload()
-    if COMM.Get_rank() == 0:
+    if COMM.Get_rank() == 0:  # connect_from_argv reads and removes the launch's keys
         serve(connect_from_argv(), lambda frames: run_everywhere(preload, frames), lambda: os._exit(1))
         COMM.bcast(None)  # tells the other ranks to stop
         return
+    os.environ.pop(KEYS_ENV, None)  # every rank got them: none of its children may
     while (payload := COMM.bcast(None)) is not None:
         COMM.gather(run_on_this_rank(preload, payload))
 

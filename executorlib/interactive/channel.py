@@ -1,12 +1,17 @@
-"""ZeroMQ sockets with authentication: the executor's ROUTER and each worker's DEALER.
+"""ZeroMQ sockets, encrypted and authenticated: the executor's ROUTER and each worker's DEALER.
 
 The executor binds one ROUTER on a single interface (loopback, or the address of its
-host inside an allocation; never ``tcp://*``). A worker connects a DEALER whose routing
-id is 16 random bytes and opens with HELLO carrying an HMAC of that id under the
-per-executor secret; the secret reaches workers through the environment only. The
-executor answers with its own HMAC over the worker's nonce. Until a peer has proven the
-secret, none of its frames is unpickled, on either side; frames from an unknown routing
-id are dropped. The worker never reconnects, so the proven connection cannot be swapped.
+host inside an allocation; never ``tcp://*``). It is a CurveZMQ server: every worker
+launch gets its own client key pair (auth.py), which admits one connection, once, and
+that connection one HELLO (worker id, host, pid, shm fingerprint). The worker knows the
+executor's public key, so it talks to nobody else; a stranger's connection fails the
+handshake, and frames from a routing id without a HELLO are dropped unread. The worker
+never reconnects. Traffic is encrypted on loopback too: one code path, and a local
+user who can sniff loopback (root in a container, a capture tool) reads nothing.
+
+Frames above ``auth.CHUNK_BYTES`` travel as several frames (the kind byte is followed
+by ``CHUNKED`` and a frame of chunk counts), because both sockets refuse any frame
+larger than ``auth.MAX_FRAME``: that bounds what a stranger can make us buffer.
 
 Where the HELLO shows that the worker sees the executor's ``/dev/shm`` (shm.fingerprint),
 the WELCOME names a file prefix for that worker and both ends move large buffers through
@@ -16,25 +21,34 @@ ends, the executor sweeps its prefix; a worker whose executor vanished sweeps it
 
 from __future__ import annotations
 
-import hmac
 import os
 import socket
 import threading
+from array import array
 from collections.abc import Callable
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
+from executorlib import serialize
 from executorlib.interactive import protocol
+from executorlib.interactive.auth import CHUNK_BYTES, Gatekeeper, LaunchKeys, raise_fd_limit
 from executorlib.interactive.shm import SharedMemory, fingerprint, owner_prefix, sweep_stale, valid_prefix
 
+CHUNKED = b"+"  # second byte of a kind frame: the frames that follow are chunked
 _ZERO_COPY_MIN = 64 * 1024
 _EVENTS, _POLLIN, _SNDMORE = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.SNDMORE)
 _HEARTBEAT_MS = 5_000
 _HEARTBEAT_TIMEOUT_MS = 60_000
+_HANDSHAKE_FAILED = (
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
 
 
 class Peer:
-    """A worker that proved the secret: its routing id and who it says it is."""
+    """A worker that connected with its launch's key: its routing id and who it is."""
 
     __slots__ = ("routing_id", "worker_id", "host", "pid", "shm")
 
@@ -44,14 +58,16 @@ class Peer:
 
 
 class ExecutorSocket:
-    """The executor's end: bind, authenticate HELLOs, send to and receive from peers."""
+    """The executor's end: bind, issue launch keys, admit HELLOs, send and receive."""
 
-    def __init__(self, host: str, secret: bytes) -> None:
-        self._secret = secret
+    def __init__(self, host: str) -> None:
+        raise_fd_limit()
         self._context = zmq.Context()
+        self.gate = Gatekeeper(self._context)
         self.socket = self._context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.gate.configure(self.socket)
         port = self.socket.bind_to_random_port(f"tcp://{_bind_address(host)}")
         self.address = f"tcp://{host}:{port}"
         self.peers: dict[bytes, Peer] = {}
@@ -60,97 +76,104 @@ class ExecutorSocket:
         if self._fingerprint:
             sweep_stale()
 
+    def launch_keys(self, worker_id: int) -> LaunchKeys:
+        """Keys for the worker about to be launched as ``worker_id`` (one connection)."""
+        return self.gate.issue(worker_id)
+
     def receive(self) -> tuple[Peer, bytes, list] | None:
         """One message without blocking: (peer, kind, frames), or None when none waits.
 
-        A valid HELLO is answered here and returned with kind HELLO; anything from a
-        peer that has not proven the secret is dropped unread.
+        A worker's first HELLO is answered here and returned with kind HELLO; anything
+        else from a connection that has not said HELLO, and any later HELLO, is dropped.
         """
         while self.socket.getsockopt(_EVENTS) & _POLLIN:  # cheaper than catching zmq.Again
-            routing_id, kind, *frames = self.socket.recv_multipart(copy=False)
-            routing_id, kind = routing_id.bytes, kind.bytes
+            routing_id, kind_frame, *frames = self.socket.recv_multipart(copy=False)
+            routing_id, kind = routing_id.bytes, kind_frame.bytes
+            if len(kind) == 2 and kind[1:] == CHUNKED:
+                kind, frames = kind[:1], join_chunks(frames)
             peer = self.peers.get(routing_id)
-            if peer is not None:
+            if peer is not None and kind != protocol.HELLO:
                 return peer, kind, peer.shm.attach(frames) if peer.shm and frames else frames
-            if kind == protocol.HELLO and (peer := self._admit(routing_id, frames)):
+            hello = peer is None and kind == protocol.HELLO
+            if hello and (peer := self._admit(routing_id, kind_frame, frames)):
                 return peer, kind, []
         return None
 
-    def _admit(self, routing_id: bytes, frames: list) -> Peer | None:
-        if len(frames) != 6:
+    def _admit(self, routing_id: bytes, kind_frame: zmq.Frame, frames: list) -> Peer | None:
+        if len(frames) != 4:
             return None
-        nonce, mac, *fields = (frame.bytes for frame in frames)
-        expected = protocol.hello_mac(self._secret, routing_id, nonce, fields)
-        if not hmac.compare_digest(mac, expected):
+        worker_id, host, pid, shm_fingerprint = (frame.bytes for frame in frames)
+        if not (worker_id.isdigit() and pid.isdigit()):
             return None
-        worker_id, host, pid, shm_fingerprint = fields
+        user_id = kind_frame.get("User-Id") if self.gate.encrypted else None
+        if not self.gate.admit(user_id, int(worker_id)):
+            return None
         peer = Peer(routing_id, int(worker_id), host.decode(errors="replace"), int(pid))
         if shm_fingerprint and shm_fingerprint == self._fingerprint:
             peer.shm = SharedMemory(f"{self._shm_prefix}{peer.worker_id}-")
-        prefix = peer.shm.prefix.encode() if peer.shm else b""
         self.peers[routing_id] = peer
-        self.send(peer, protocol.WELCOME, [protocol.welcome_mac(self._secret, nonce, prefix), prefix])
+        self.send(peer, protocol.WELCOME, [peer.shm.prefix.encode() if peer.shm else b""])
         return peer
 
     def send(self, peer: Peer, kind: bytes, frames: list = ()) -> None:
         """Send one message; large frames go without a copy (or through /dev/shm)."""
         if peer.shm is not None and frames:
             frames = peer.shm.export(frames)
-        _send(self.socket, [peer.routing_id, kind, *frames])
+        _send(self.socket, kind, frames, peer.routing_id)
 
-    def forget(self, peer: Peer) -> None:
-        """Stop accepting messages from a peer whose process has ended, and remove
-        the shared-memory files it or we left unread."""
+    def forget(self, worker_id: int, peer: Peer | None) -> None:
+        """A worker's process has ended: its key admits nothing any more, messages from
+        it are dropped, and the shared-memory files it or we left unread are removed."""
+        self.gate.revoke(worker_id)
+        if peer is None:
+            return
         self.peers.pop(peer.routing_id, None)
         if peer.shm is not None:
             peer.shm.sweep()
 
     def close(self) -> None:
         self.socket.close(linger=0)
-        self._context.term()
+        self._context.term()  # also ends the ZAP handler
         SharedMemory(self._shm_prefix).sweep()  # workers that never said goodbye
 
 
 class WorkerConnection:
-    """The worker's end: connect, prove the secret, check the executor's proof."""
+    """The worker's end: connect with the launch's keys, say HELLO, await WELCOME."""
 
-    def __init__(self, address: str, secret: bytes, worker_id: int, timeout_s: float) -> None:
+    def __init__(self, address: str, keys: LaunchKeys, worker_id: int, timeout_s: float) -> None:
         self._context = zmq.Context()
         self.socket = self._context.socket(zmq.DEALER)
-        routing_id = os.urandom(16)
         for option, value in (
-            (zmq.ROUTING_ID, routing_id),
+            (zmq.ROUTING_ID, os.urandom(16)),
             (zmq.LINGER, 2_000),
-            (zmq.RECONNECT_IVL, -1),  # never reconnect: a new peer would skip the proof
+            (zmq.RECONNECT_IVL, -1),  # never reconnect: the launch's key admits one connection
+            (zmq.HANDSHAKE_IVL, int(timeout_s * 1000)),
             (zmq.HEARTBEAT_IVL, _HEARTBEAT_MS),
             (zmq.HEARTBEAT_TIMEOUT, _HEARTBEAT_TIMEOUT_MS),
         ):
             self.socket.setsockopt(option, value)
-        self._monitor = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED)
+        keys.configure(self.socket)
+        events = zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED | _HANDSHAKE_FAILED
+        self._monitor = self.socket.get_monitor_socket(events)
         self.socket.connect(address)
         self.address = address
         self.shm: SharedMemory | None = None
-        self._handshake(secret, routing_id, worker_id, timeout_s)
+        self._handshake(worker_id, timeout_s)
 
-    def _handshake(self, secret: bytes, routing_id: bytes, worker_id: int, timeout_s: float) -> None:
-        nonce = os.urandom(16)
+    def _handshake(self, worker_id: int, timeout_s: float) -> None:
         fields = [str(worker_id).encode(), socket.gethostname().encode(), str(os.getpid()).encode()]
-        fields.append(fingerprint())
-        mac = protocol.hello_mac(secret, routing_id, nonce, fields)
-        self.socket.send_multipart([protocol.HELLO, nonce, mac, *fields])
+        self.socket.send_multipart([protocol.HELLO, *fields, fingerprint()])
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
         poller.register(self._monitor, zmq.POLLIN)
         if self._monitor in dict(poller.poll(timeout_s * 1000)):
-            raise ConnectionError(f"the connection to the executor at {self.address} was refused or closed")
+            raise ConnectionError(_refusal(self._monitor, self.address))
         if not poller.poll(0):
             raise TimeoutError(f"no answer from the executor at {self.address} within {timeout_s:g} s")
         kind, *frames = self.socket.recv_multipart()
-        if kind != protocol.WELCOME or len(frames) != 2 or not hmac.compare_digest(
-            frames[0], protocol.welcome_mac(secret, nonce, frames[1])
-        ):
-            raise ConnectionError(f"the peer at {self.address} could not prove the executor's secret")
-        prefix = frames[1].decode(errors="replace")
+        if kind != protocol.WELCOME or len(frames) != 1:
+            raise ConnectionError(f"the executor at {self.address} answered HELLO with {kind!r}, not WELCOME")
+        prefix = frames[0].decode(errors="replace")
         if prefix and valid_prefix(prefix):
             self.shm = SharedMemory(prefix)
 
@@ -169,25 +192,67 @@ class WorkerConnection:
         """The next message; large buffers from /dev/shm stay there until the reply,
         so an unchanged one can go back without a copy."""
         kind, *frames = self.socket.recv_multipart(copy=False)
-        return kind.bytes, self.shm.attach(frames, hold=True) if self.shm and frames else frames
+        kind = kind.bytes
+        if len(kind) == 2 and kind[1:] == CHUNKED:
+            kind, frames = kind[:1], join_chunks(frames)
+        return kind, self.shm.attach(frames, hold=True) if self.shm and frames else frames
 
     def send(self, kind: bytes, frames: list = ()) -> None:
         """Send the reply to the last message received."""
         if self.shm is None:
-            _send(self.socket, [kind, *frames])
+            _send(self.socket, kind, frames)
             return
-        _send(self.socket, [kind, *self.shm.export(list(frames))])
+        _send(self.socket, kind, self.shm.export(list(frames)))
         self.shm.release()
 
 
-def _send(socket: zmq.Socket, frames: list) -> None:
+def _refusal(monitor: zmq.Socket, address: str) -> str:
+    """Why the connection to the executor failed, from the monitor's first event."""
+    event = parse_monitor_message(monitor.recv_multipart())["event"]
+    if event & _HANDSHAKE_FAILED:
+        return (
+            f"the CurveZMQ handshake with {address} failed ({zmq.Event(event).name}): the peer "
+            "there is not the executor that launched this worker, or refused this worker's key"
+        )
+    return f"the connection to the executor at {address} was refused or closed"
+
+
+def _send(socket: zmq.Socket, kind: bytes, frames: list, routing_id: bytes | None = None) -> None:
     """Send one multipart message. Large frames go without a copy; small ones are
     copied, which is cheaper than a zero-copy send's bookkeeping. (Frame by frame:
     ``send_multipart`` adds several microseconds of Python per message.)"""
+    if any(len(frame) > CHUNK_BYTES for frame in frames):
+        kind, frames = kind + CHUNKED, split_chunks(frames)
+    if routing_id is not None:
+        socket.send(routing_id, _SNDMORE)
+    socket.send(kind, _SNDMORE if frames else 0)
     last = len(frames) - 1
     for index, frame in enumerate(frames):
         flags = 0 if index == last else _SNDMORE
         socket.send(frame, flags, copy=len(frame) < _ZERO_COPY_MIN)
+
+
+def split_chunks(frames: list) -> list:
+    """``frames`` as pieces of at most ``CHUNK_BYTES``, after a frame of piece counts."""
+    counts, pieces = array("Q"), []
+    for frame in frames:
+        view = memoryview(frame).cast("B")
+        counts.append(max(1, -(-len(view) // CHUNK_BYTES)))
+        pieces += [view[start:start + CHUNK_BYTES] for start in range(0, len(view) or 1, CHUNK_BYTES)]
+    return [counts.tobytes(), *pieces]
+
+
+def join_chunks(frames: list) -> list:
+    """Inverse of :func:`split_chunks`; a frame sent whole is passed on as it came."""
+    counts = array("Q", bytes(serialize.buffer_of(frames[0])))
+    if sum(counts) != len(frames) - 1:
+        raise ValueError(f"a chunked message announced {sum(counts)} pieces and carried {len(frames) - 1}")
+    joined, start = [], 1
+    for count in counts:
+        group = frames[start:start + count]
+        joined.append(group[0] if count == 1 else bytearray().join(map(serialize.buffer_of, group)))
+        start += count
+    return joined
 
 
 def _bind_address(host: str) -> str:

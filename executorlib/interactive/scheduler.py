@@ -89,9 +89,8 @@ class Scheduler:
     def __init__(self, spawner: Spawner, host: str | None = None, cache: ResultCache | None = None) -> None:
         self._spawner = spawner
         self._cache = cache
-        self._secret = os.urandom(32)
         self._encoder = CallEncoder()
-        self._socket = ExecutorSocket(host or spawner.bind_host, self._secret)
+        self._socket = ExecutorSocket(host or spawner.bind_host)
         self._inbox = _Inbox()
         self._pending: deque[Task] = deque()
         self._workers: dict[int, Worker] = {}
@@ -218,7 +217,7 @@ class Scheduler:
     def _spawn(self, resources: Resources, task: Task | None = None) -> Worker | None:
         """Start a worker; on failure fail ``task`` (if given) with the launcher's error."""
         worker_id, self._next_worker_id = self._next_worker_id, self._next_worker_id + 1
-        launch = Launch(self._socket.address, worker_id, resources, self._secret)
+        launch = Launch(self._socket.address, worker_id, resources, self._socket.launch_keys(worker_id))
         try:
             process = self._spawner.start(launch)
         except Exception as error:
@@ -298,8 +297,7 @@ class Scheduler:
                 del self._fd_owner[fd]
                 self._poller.unregister(fd)
         del self._workers[worker.worker_id]
-        if worker.peer is not None:
-            self._socket.forget(worker.peer)
+        self._socket.forget(worker.worker_id, worker.peer)
         while worker.tasks:
             task = worker.tasks.popleft()
             settle(task.future, exception=self._death_error(worker, task))

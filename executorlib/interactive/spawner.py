@@ -16,7 +16,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-from executorlib.interactive import protocol
+from executorlib.interactive.auth import KEYS_ENV, LaunchKeys
 from executorlib.processes import child_environment, describe_exit, mpiexec_prefix, python_argv
 from executorlib.resources import Resources
 
@@ -30,7 +30,7 @@ class Launch:
     address: str
     worker_id: int
     resources: Resources
-    secret: bytes
+    keys: LaunchKeys  # this launch's CurveZMQ keys: environment only
 
 
 class WorkerProcess:
@@ -121,7 +121,8 @@ def worker_argv(module: str, launch: Launch) -> list[str]:
 
 
 def worker_environment(launch: Launch) -> dict[str, str]:
-    """The worker's environment: a child's (processes.child_environment) and the secret."""
+    """The worker's environment: a child's (processes.child_environment) and the
+    launch's keys (the worker removes them from its ``os.environ`` on every rank)."""
     env = child_environment(launch.resources)
-    env[protocol.SECRET_ENV] = launch.secret.hex()
+    env[KEYS_ENV] = launch.keys.to_env()
     return env

@@ -13,6 +13,7 @@ from typing import Any
 
 from executorlib import serialize
 from executorlib.interactive import protocol
+from executorlib.interactive.auth import LaunchKeys
 from executorlib.interactive.channel import WorkerConnection
 
 CONNECT_TIMEOUT_ENV = "EXECUTORLIB_CONNECT_TIMEOUT"
@@ -21,14 +22,15 @@ Runner = Callable[[list], Any]
 
 
 def connect_from_argv() -> WorkerConnection:
-    """Connect to the executor named in ``argv``; the secret comes from the environment."""
+    """Connect to the executor named in ``argv``; the launch's keys come from the
+    environment (removed from it here, so nothing this worker starts inherits them)."""
     address, worker_id = sys.argv[1], int(sys.argv[2])
-    secret = bytes.fromhex(os.environ.pop(protocol.SECRET_ENV))
-    timeout_s = float(os.environ.get(CONNECT_TIMEOUT_ENV, "60"))
+    host = os.uname().nodename
     try:
-        return WorkerConnection(address, secret, worker_id, timeout_s)
+        keys = LaunchKeys.pop_from_env()
+        timeout_s = float(os.environ.get(CONNECT_TIMEOUT_ENV, "60"))
+        return WorkerConnection(address, keys, worker_id, timeout_s)
     except (ConnectionError, TimeoutError) as error:
-        host = os.uname().nodename
         sys.exit(
             f"executorlib worker {worker_id} on {host}: {error}. If this worker runs on another "
             "node than the executor, do not use hostname_localhost=True."
