@@ -66,12 +66,14 @@ except OSError:  # reset by the executor
 print("server-mechanism", mechanism.decode(), "handshake", "READY" if b"READY" in got else "closed")
 '''
 
-IDLE_STRANGER = r'''
-import resource, select, socket, sys, time
+IDLE_STRANGER = ZMTP + r'''
+import resource, select, time
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 port, count = int(sys.argv[1]), int(sys.argv[2])
 sockets = [socket.create_connection(("127.0.0.1", port)) for _ in range(count)]
+for s in sockets[::2]:  # half say nothing, half complete a NULL handshake if they can
+    s.sendall(greeting(b"NULL") + ready())
 print("open", len(sockets), flush=True)
 sys.stdin.readline()  # the executor served calls meanwhile
 start, open_ = time.monotonic(), set(sockets)
@@ -281,8 +283,9 @@ def test_sniffed_loopback_traffic_holds_no_argument(encrypted, monkeypatch):
 
 # -------------------------------------------------- item 5: unauthenticated peers
 def test_idle_connections_of_a_stranger_are_dropped_and_the_executor_serves_on(other_user):
-    """1,500 idle connections from another user, above the usual soft limit of 1,024
-    open files: the executor keeps starting workers, and drops every one of them."""
+    """1,500 idle connections from another user (half silent, half after a NULL
+    greeting), above the usual soft limit of 1,024 open files: the executor keeps
+    starting workers, and drops every one of them."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))
     try:
