@@ -6,11 +6,18 @@ Rows: executor start-up (first result), block-allocation throughput (2 workers, 
 calls), submit->result round trip, one fresh worker per call (beside the floors
 ``python -c pass`` and ``python -c "import zmq, cloudpickle"``), a dependency chain,
 and an echo of a 200 MB array (beside a numpy copy and a pickle round trip).
+
+Encryption (CurveZMQ, always on) is measured against the channel's plaintext switch,
+which only benchmarks use, in alternating rounds of the same run: block throughput,
+round trip, and the 200 MB echo through /dev/shm (same machine) and through ZeroMQ
+alone (``EXECUTORLIB_NO_SHM=1``, the path of workers on other nodes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
+import os
 import pickle
 import statistics
 import subprocess
@@ -21,6 +28,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 
 from executorlib import Executor
+from executorlib.interactive import auth
 
 
 def noop(x=None):
@@ -97,6 +105,47 @@ def echo_gbps(exe, array: np.ndarray) -> float:
     return array.nbytes / seconds / 1e9
 
 
+@contextlib.contextmanager
+def channel(encrypted: bool, shm: bool = True):
+    """Executors made inside use (or not) encryption and /dev/shm."""
+    auth._PLAINTEXT_FOR_BENCHMARKS = not encrypted
+    old = os.environ.get("EXECUTORLIB_NO_SHM")
+    if not shm:
+        os.environ["EXECUTORLIB_NO_SHM"] = "1"
+    try:
+        yield
+    finally:
+        auth._PLAINTEXT_FOR_BENCHMARKS = False
+        os.environ.pop("EXECUTORLIB_NO_SHM", None)
+        if old is not None:
+            os.environ["EXECUTORLIB_NO_SHM"] = old
+
+
+def encryption_rows(calls: int, latency_calls: int, array: np.ndarray, rounds: int) -> list:
+    """Rows comparing CurveZMQ with plaintext, medians of alternating rounds."""
+    measures = {
+        f"block throughput, 2 workers, {calls} calls (tasks/s)": (2, True, lambda e: throughput(e, calls)),
+        "submit->result round trip, median (us)": (1, True, lambda e: round_trip_us(e, latency_calls)),
+        "echo of a 200 MB array via /dev/shm (GB/s)": (1, True, lambda e: echo_gbps(e, array)),
+        "echo of a 200 MB array via ZeroMQ only (GB/s)": (1, False, lambda e: echo_gbps(e, array)),
+    }
+    rows = []
+    for name, (workers, shm, measure) in measures.items():
+        samples: dict[bool, list[float]] = {True: [], False: []}
+        for _ in range(rounds):
+            for encrypted in (True, False):
+                with channel(encrypted, shm), Executor(max_workers=workers, block_allocation=True) as exe:
+                    samples[encrypted].append(measure(exe))
+        with ProcessPoolExecutor(workers) as pool:
+            pool_value = measure(pool)
+        curve, plain = (statistics.median(samples[k]) for k in (True, False))
+        digits = 2 if "GB/s" in name else 0
+        rows.append((f"{name}: CurveZMQ", f"{curve:,.{digits}f}", f"{pool_value:,.{digits}f}",
+                     f"{curve / plain:.0%} of plaintext"))
+        rows.append(("  same, plaintext (benchmark switch)", f"{plain:,.{digits}f}", "", ""))
+    return rows
+
+
 def command_ms(code: str) -> float:
     return timed(lambda: subprocess.run([sys.executable, "-c", code], check=True), 7) * 1e3
 
@@ -139,6 +188,7 @@ def main() -> None:
     pickle_s = timed(lambda: pickle.loads(pickle.dumps(array, protocol=5)), 3)
     rows.append(("  numpy copy / pickle round trip (GB/s)", "", "",
                  f"{array.nbytes / copy_s / 1e9:.2f} / {array.nbytes / pickle_s / 1e9:.2f}"))
+    rows += encryption_rows(calls, latency_calls, array, 3 if quick else 5)
     print_table(rows)
 
 
