@@ -9,9 +9,11 @@ handshake, and frames from a routing id without a HELLO are dropped unread. The 
 never reconnects. Traffic is encrypted on loopback too: one code path, and a local
 user who can sniff loopback (root in a container, a capture tool) reads nothing.
 
-Frames above ``auth.CHUNK_BYTES`` travel as several frames (the kind byte is followed
-by ``CHUNKED`` and a frame of chunk counts), because both sockets refuse any frame
-larger than ``auth.MAX_FRAME``: that bounds what a stranger can make us buffer.
+A message's first frame is its kind byte, followed by its first frame's content when
+that is small (one frame less to encrypt and send). Frames above ``auth.CHUNK_BYTES``
+travel as several frames (the kind byte is then followed by ``CHUNKED``, and a frame of
+chunk counts comes first), because both sockets refuse any frame larger than
+``auth.MAX_FRAME``: that bounds what a stranger can make us buffer.
 
 Where the HELLO shows that the worker sees the executor's ``/dev/shm`` (shm.fingerprint),
 the WELCOME names a file prefix for that worker and both ends move large buffers through
@@ -88,9 +90,7 @@ class ExecutorSocket:
         """
         while self.socket.getsockopt(_EVENTS) & _POLLIN:  # cheaper than catching zmq.Again
             routing_id, kind_frame, *frames = self.socket.recv_multipart(copy=False)
-            routing_id, kind = routing_id.bytes, kind_frame.bytes
-            if len(kind) == 2 and kind[1:] == CHUNKED:
-                kind, frames = kind[:1], join_chunks(frames)
+            routing_id, (kind, frames) = routing_id.bytes, _unpack(kind_frame, *frames)
             peer = self.peers.get(routing_id)
             if peer is not None and kind != protocol.HELLO:
                 return peer, kind, peer.shm.attach(frames) if peer.shm and frames else frames
@@ -170,10 +170,10 @@ class WorkerConnection:
             raise ConnectionError(_refusal(self._monitor, self.address))
         if not poller.poll(0):
             raise TimeoutError(f"no answer from the executor at {self.address} within {timeout_s:g} s")
-        kind, *frames = self.socket.recv_multipart()
+        kind, frames = _unpack(*self.socket.recv_multipart(copy=False))
         if kind != protocol.WELCOME or len(frames) != 1:
             raise ConnectionError(f"the executor at {self.address} answered HELLO with {kind!r}, not WELCOME")
-        prefix = frames[0].decode(errors="replace")
+        prefix = bytes(serialize.buffer_of(frames[0])).decode(errors="replace")
         if prefix and valid_prefix(prefix):
             self.shm = SharedMemory(prefix)
 
@@ -191,10 +191,7 @@ class WorkerConnection:
     def receive(self) -> tuple[bytes, list]:
         """The next message; large buffers from /dev/shm stay there until the reply,
         so an unchanged one can go back without a copy."""
-        kind, *frames = self.socket.recv_multipart(copy=False)
-        kind = kind.bytes
-        if len(kind) == 2 and kind[1:] == CHUNKED:
-            kind, frames = kind[:1], join_chunks(frames)
+        kind, frames = _unpack(*self.socket.recv_multipart(copy=False))
         return kind, self.shm.attach(frames, hold=True) if self.shm and frames else frames
 
     def send(self, kind: bytes, frames: list = ()) -> None:
@@ -223,6 +220,8 @@ def _send(socket: zmq.Socket, kind: bytes, frames: list, routing_id: bytes | Non
     ``send_multipart`` adds several microseconds of Python per message.)"""
     if any(len(frame) > CHUNK_BYTES for frame in frames):
         kind, frames = kind + CHUNKED, split_chunks(frames)
+    elif frames and 1 < len(frames[0]) < _ZERO_COPY_MIN:  # one frame less to encrypt
+        kind, frames = kind + frames[0], frames[1:]
     if routing_id is not None:
         socket.send(routing_id, _SNDMORE)
     socket.send(kind, _SNDMORE if frames else 0)
@@ -230,6 +229,18 @@ def _send(socket: zmq.Socket, kind: bytes, frames: list, routing_id: bytes | Non
     for index, frame in enumerate(frames):
         flags = 0 if index == last else _SNDMORE
         socket.send(frame, flags, copy=len(frame) < _ZERO_COPY_MIN)
+
+
+def _unpack(first: zmq.Frame, *frames: zmq.Frame) -> tuple[bytes, list]:
+    """(kind, frames) of a received message. Its first frame is the kind alone, the
+    kind and ``CHUNKED`` (chunks follow), or the kind and the content of a first frame
+    of 2 bytes or more (so neither of the other two forms can be mistaken for it)."""
+    data = first.bytes
+    if len(data) == 1:
+        return data, list(frames)
+    if len(data) == 2 and data[1:] == CHUNKED:
+        return data[:1], join_chunks(frames)
+    return data[:1], [memoryview(data)[1:], *frames]
 
 
 def split_chunks(frames: list) -> list:

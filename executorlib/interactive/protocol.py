@@ -1,6 +1,6 @@
 """The messages executor and worker exchange, and how they become ZeroMQ frames.
 
-Every message is a multipart ZeroMQ message whose first frame is a one-byte kind::
+Every message is a multipart ZeroMQ message that starts with a one-byte kind::
 
     worker   -> executor   HELLO   worker id, host, pid, shm fingerprint  (no pickle; one per launch)
     executor -> worker     WELCOME shm prefix
@@ -17,8 +17,8 @@ ends share ``/dev/shm`` (the HELLO's fingerprint matches the executor's; the WEL
 names a file prefix, empty otherwise), channel.py moves the large frames through files
 there instead (see shm.py). Every message travels inside a CurveZMQ connection opened
 with the worker's launch key (auth.py), so nothing an unauthenticated peer sends
-decides any of this. A kind frame whose second byte is ``+`` announces chunked frames
-(channel.py).
+decides any of this. On the wire (channel.py) the kind byte shares its frame with a
+small first frame, and frames above 256 KiB travel in chunks.
 Nothing in this module imports more than the standard library and cloudpickle (lazily),
 because workers import it on their start-up path.
 """
