@@ -56,6 +56,7 @@ IGNORED_BECAUSE = {
     "hostname_localhost": "queue jobs return their results through files; no worker connects back",
 }
 IGNORED_BECAUSE["flux_executor_pmi_mode"] = IGNORED_BECAUSE["pmi_mode"]
+_WARNED: set[tuple[str, str]] = set()
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,8 @@ def parse_options(
                 f"{owner}() got an unexpected keyword argument {name!r}; its options are: "
                 f"{', '.join(sorted(accepted | {'refresh_rate'}))}"
             )
-        if value is not None and value is not False:
+        if value is not None and value is not False and (owner, name) not in _WARNED:
+            _WARNED.add((owner, name))  # once per process: a script may open many executors
             warn_ignored(owner, f"{name}={value!r}", IGNORED_BECAUSE[name])
     resources = Resources.from_dict(given.pop("resource_dict", None))
     return Options(resources=resources, **given)
