@@ -148,7 +148,9 @@ def pmi_option(pmi_mode: str | None, flux_executor_pmi_mode: str | None) -> str 
         )
     value = pmi_mode if pmi_mode is not None else flux_executor_pmi_mode
     if value is not None and (not isinstance(value, str) or not value):
-        raise ValueError(f"pmi_mode must be the name of a PMI, e.g. 'pmix', got {value!r}")
+        raise ValueError(
+            f"pmi_mode must be the name of a Flux PMI or of an srun --mpi plugin, e.g. 'pmix', got {value!r}"
+        )
     return value
 
 

@@ -289,6 +289,15 @@ def test_gpus_per_core_on_local_is_placed_or_refused():
     assert all(s in gpus for s in seen)
 
 
+def test_gpus_are_taken_from_cuda_visible_devices_one_set_per_running_call(tmp_path):
+    script = os.path.join(HERE, "seed_scripts", "local_gpus.py")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "3,5"}
+    done = subprocess.run([sys.executable, script, str(tmp_path)], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    assert sorted(json.loads(done.stdout)["workers"]) == ["3", "5"]
+
+
 def test_cancelled_input_cancels_its_batch():
     source = Future()
     with Executor() as exe:
