@@ -30,9 +30,11 @@ def test_mpi_without_pmi_mode_chooses_one_the_cluster_offers():
 
 
 def test_flux_pmi_keyword_means_srun_mpi_here():
-    with Executor(backend="slurm_allocation", flux_executor_pmi_mode="pmi2",
+    with Executor(backend="slurm_allocation", flux_executor_pmi_mode="pmi2") as exe:
+        assert exe.info["pmi_mode"] == "pmi2"  # what srun --mpi= gets (Debian's OpenMPI lacks it)
+    with Executor(backend="slurm_allocation", flux_executor_pmi_mode="pmix",
                   resource_dict={"cores": 2}) as exe:
-        assert exe.info["pmi_mode"] == "pmi2"
+        assert exe.info["pmi_mode"] == "pmix"
         assert exe.submit(ranks, 2).result(timeout=_WAIT_S) == [(2, 2, 0), (2, 2, 1)]
 
 
