@@ -25,10 +25,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from executorlib.errors import describe_exit
 from executorlib.executor import AllocationExecutor
 from executorlib.interactive.spawner import Launch, worker_argv, worker_environment
 from executorlib.options import parse_options, pmi_option, shared_options
+from executorlib.processes import describe_exit, tail_lines
 from executorlib.resources import Resources
 
 _STDERR_TAIL_BYTES = 4096
@@ -264,14 +264,7 @@ def describe_job_end(future: Future, wait_status: int | None) -> str:
 
 def stderr_tail(path: str | None, lines: int = 30) -> list[str]:
     """The last ``lines`` lines of a log file, or [] when there is none."""
-    if path is None:
-        return []
-    try:
-        with open(path, "rb") as stream:
-            stream.seek(max(0, os.fstat(stream.fileno()).st_size - _STDERR_TAIL_BYTES))
-            return stream.read().decode(errors="replace").strip().splitlines()[-lines:]
-    except OSError:
-        return []
+    return tail_lines(path, lines, _STDERR_TAIL_BYTES) or []
 
 
 # -------------------------------------------------------- thin layer: imports flux
