@@ -121,6 +121,16 @@ def test_cluster_executor_takes_block_allocation_false_and_explains_true(tmp_pat
         SlurmClusterExecutor(cache_directory=str(tmp_path), block_allocation=True)
 
 
+def test_cluster_executor_ignores_allocation_options_with_a_reason(tmp_path):
+    from executorlib import options
+
+    options._WARNED.discard(("SlurmClusterExecutor", "max_cores"))
+    with pytest.warns(UserWarning, match=r"SlurmClusterExecutor: max_cores=4 is ignored: each call"):
+        exe = SlurmClusterExecutor(cache_directory=str(tmp_path), max_cores=4, plot_dependency_graph=True)
+    with exe:
+        assert exe.info["max_cores"] is None and exe.info["queue"] == "Slurm"
+
+
 # ------------------------------------------------------------- futures of futures
 def test_split_future_and_get_item_are_dependencies():
     with Executor() as exe:
