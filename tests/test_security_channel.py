@@ -9,6 +9,7 @@ generous bound.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import resource
@@ -227,9 +228,9 @@ def test_worker_talks_to_no_impostor_executor(impostor, tmp_path):
     assert not marker.exists()
 
 
-def _sniff(stop: threading.Event, seen: list[bytes]) -> threading.Thread:
+def _sniff(stop: threading.Event, seen: list[bytes], interface: str = "lo") -> threading.Thread:
     raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.ntohs(0x0003))
-    raw.bind(("lo", 0))
+    raw.bind((interface, 0))
     raw.settimeout(0.2)
 
     def capture() -> None:
@@ -279,6 +280,50 @@ def test_sniffed_loopback_traffic_holds_no_argument(encrypted, monkeypatch):
     payload = _payload_on_port(packets, port)
     assert len(payload) > 200  # the capture saw the handshake and the call
     assert (secret.encode() in payload) is not encrypted
+
+
+ACROSS_NODES = r'''
+import json, socket, sys
+from executorlib import Executor
+from executorlib.interactive import auth
+auth._PLAINTEXT_FOR_BENCHMARKS = sys.argv[2] == "plaintext"
+def echo(value):
+    return value, socket.gethostname()
+with Executor(backend="slurm_allocation") as exe:
+    pinned = {"slurm_cmd_args": ["--nodelist=n2"]}
+    value, host = exe.submit(echo, sys.argv[1], resource_dict=pinned).result(timeout=90)
+    port = int(exe._scheduler._socket.address.rsplit(":", 1)[1])
+report = {"executor": socket.gethostname(), "worker": host, "port": port, "ok": value == sys.argv[1]}
+print(json.dumps(report))
+'''
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("mode", ["curve", "plaintext"])
+def test_traffic_between_nodes_holds_no_argument(mode, tmp_path):
+    """An executor on n1 and a worker on n2 (srun step, test cluster): a capture on
+    n2's link sees their traffic, but not the argument and result in it."""
+    if os.geteuid() != 0 or not os.path.exists("/sys/class/net/veth-n2"):
+        pytest.skip("needs root and the test cluster's node n2 (scripts/slurm-test-cluster start --nodes 2)")
+    secret = f"marker-{uuid.uuid4().hex}"
+    (tmp_path / "across.py").write_text(ACROSS_NODES)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_"))}
+    command = ["sbatch", "--wait", "--quiet", "--partition=multi", "--nodes=2", "--ntasks=2",
+               f"--output={tmp_path / 'out'}", "--job-name=executorlib-test",
+               f"--wrap={sys.executable} {tmp_path / 'across.py'} {secret} {mode}"]
+    stop, packets = threading.Event(), []
+    sniffer = _sniff(stop, packets, "veth-n2")
+    try:
+        subprocess.run(command, env=env, cwd=tmp_path, timeout=180, check=False)
+    finally:
+        stop.set()
+        sniffer.join(timeout=30)
+    output = (tmp_path / "out").read_text()
+    report = json.loads([line for line in output.splitlines() if line.startswith("{")][-1])
+    assert (report["executor"], report["worker"], report["ok"]) == ("n1", "n2", True), output
+    payload = _payload_on_port(packets, report["port"])
+    assert len(payload) > 200  # the capture saw the handshake and the call
+    assert (secret.encode() in payload) is (mode == "plaintext")
 
 
 # -------------------------------------------------- item 5: unauthenticated peers
