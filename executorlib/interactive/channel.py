@@ -89,23 +89,25 @@ class ExecutorSocket:
         else from a connection that has not said HELLO, and any later HELLO, is dropped.
         """
         while self.socket.getsockopt(_EVENTS) & _POLLIN:  # cheaper than catching zmq.Again
-            routing_id, kind_frame, *frames = self.socket.recv_multipart(copy=False)
-            routing_id, (kind, frames) = routing_id.bytes, _unpack(kind_frame, *frames)
-            peer = self.peers.get(routing_id)
-            if peer is not None and kind != protocol.HELLO:
+            routing_id, first, *frames = self.socket.recv_multipart(copy=False)
+            peer = self.peers.get(routing_id.bytes)
+            if peer is None:
+                if peer := self._admit(routing_id.bytes, first, frames):
+                    return peer, protocol.HELLO, []
+                continue
+            kind, frames = _unpack(first, *frames)
+            if kind != protocol.HELLO:
                 return peer, kind, peer.shm.attach(frames) if peer.shm and frames else frames
-            hello = peer is None and kind == protocol.HELLO
-            if hello and (peer := self._admit(routing_id, kind_frame, frames)):
-                return peer, kind, []
         return None
 
-    def _admit(self, routing_id: bytes, kind_frame: zmq.Frame, frames: list) -> Peer | None:
-        if len(frames) != 4:
+    def _admit(self, routing_id: bytes, first: zmq.Frame, frames: list) -> Peer | None:
+        """A Peer for the first HELLO of a launch, answered with WELCOME; else None."""
+        if first.bytes != protocol.HELLO or len(frames) != 4:
             return None
         worker_id, host, pid, shm_fingerprint = (frame.bytes for frame in frames)
         if not (worker_id.isdigit() and pid.isdigit()):
             return None
-        user_id = kind_frame.get("User-Id") if self.gate.encrypted else None
+        user_id = first.get("User-Id") if self.gate.encrypted else None
         if not self.gate.admit(user_id, int(worker_id)):
             return None
         peer = Peer(routing_id, int(worker_id), host.decode(errors="replace"), int(pid))
