@@ -30,7 +30,7 @@ from zmq.utils import z85
 
 KEYS_ENV = "EXECUTORLIB_KEYS"
 HANDSHAKE_MS = 10_000  # an unauthenticated connection is dropped after this
-CHUNK_BYTES = 256 * 1024  # data frames above this travel as several frames
+CHUNK_BYTES = 64 * 1024  # data frames above this travel as several frames
 MAX_FRAME = CHUNK_BYTES + 1024  # + CURVE's box and command header
 _ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 _KEY_CHARS = 40  # a Z85-encoded CURVE key

@@ -18,7 +18,7 @@ names a file prefix, empty otherwise), channel.py moves the large frames through
 there instead (see shm.py). Every message travels inside a CurveZMQ connection opened
 with the worker's launch key (auth.py), so nothing an unauthenticated peer sends
 decides any of this. On the wire (channel.py) the kind byte shares its frame with a
-small first frame, and frames above 256 KiB travel in chunks.
+small first frame, and frames above 64 KiB travel in chunks.
 Nothing in this module imports more than the standard library and cloudpickle (lazily),
 because workers import it on their start-up path.
 """
