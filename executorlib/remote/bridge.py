@@ -147,8 +147,8 @@ def _write_all(descriptor: int, data: memoryview) -> None:
 
 def main(argv: list[str]) -> None:
     """``bridge NAME IDLE_TIMEOUT``: entry point run by the ssh bootstrap."""
-    name, idle_timeout = argv[0], argv[1]
-    if not name.isalnum():
+    mode, name, idle_timeout = argv[0], argv[1], argv[2]
+    if mode != "bridge" or not name.isalnum():
         sys.stderr.write(f"executorlib bridge: bad agent name {name!r}\n")
         sys.exit(4)
     try:

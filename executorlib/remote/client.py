@@ -216,13 +216,11 @@ class RemoteExecutor(_StdExecutor):
                 raise _explain(error, self._target, process, stderr) from None
 
     def _handshake(self, process: subprocess.Popen) -> wire.Channel:
-        for _ in range(2):  # "python X.Y", then "missing ..." when executorlib is not there
+        for _ in range(2):  # "python X.Y", then "ready" (or "missing ...": no executorlib)
             line = process.stdout.readline().decode(errors="replace")
             if not line:
                 raise EOFError
             parse_banner(line, self._target, sys.version_info[:2])
-            if "python" in line.split()[1:2]:
-                break
         channel = wire.Channel(process.stdout, process.stdin)
         channel.send(wire.Hello(self._session, self._backend, self._options, sys.version_info[:2]))
         answer = channel.receive()

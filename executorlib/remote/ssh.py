@@ -29,6 +29,7 @@ BOOTSTRAP = (
     "    from executorlib.remote.bridge import main\n"
     "except ImportError as error:\n"
     "    sys.stdout.write('" + BANNER + " missing %s\\n' % error); sys.exit(3)\n"
+    "sys.stdout.write('" + BANNER + " ready\\n'); sys.stdout.flush()\n"
     "main(sys.argv[1:])\n"
 )
 
@@ -63,8 +64,10 @@ class SshTarget:
 
 
 def parse_banner(line: str, target: SshTarget, local: tuple[int, int]) -> None:
-    """Check the bootstrap's first lines: the same Python minor version, executorlib there."""
+    """Check one of the bootstrap's two lines: the same Python minor version, executorlib there."""
     words = line.split()
+    if words[:2] == [BANNER, "ready"]:
+        return
     if len(words) < 3 or words[0] != BANNER:
         raise RuntimeError(
             f"{target.remote_python} on {target.describe()} did not start the executorlib agent "
