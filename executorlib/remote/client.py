@@ -285,6 +285,11 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
+def _ended(returncode: int | None) -> str:
+    # ssh itself exits 255 on its own errors: not a signal
+    return f"exit code {returncode}" if returncode and returncode > 0 else describe_exit(returncode)
+
+
 def _explain(error: BaseException, target: SshTarget, process: subprocess.Popen,
              stderr: str) -> BaseException:
     """The error of a failed connection attempt, with ssh's own words and a fix."""
@@ -298,5 +303,5 @@ def _explain(error: BaseException, target: SshTarget, process: subprocess.Popen,
     elif "Permission denied" in stderr:
         hint = f" Check that your key (or ssh agent) is accepted: `ssh {target.host} true`."
     return ConnectionError(
-        f"ssh to {target.describe()} failed ({describe_exit(process.returncode)}): {tail}.{hint}"
+        f"ssh to {target.describe()} failed ({_ended(process.returncode)}): {tail}.{hint}"
     )
