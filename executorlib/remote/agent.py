@@ -18,8 +18,10 @@ seconds without a connection once every call finished.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import os
 import select
+import signal
 import socket
 import struct
 import sys
@@ -91,8 +93,12 @@ class Agent:
                 return
 
     def _busy(self) -> bool:
+        """A connection is open, or a call runs whose result lives only here. With result
+        files (durable) a detached session's calls need no agent: a client that comes
+        back submits them again and finds them by their hash."""
         with self.lock:
-            running = any(not f.done() for s in self.sessions.values() for f in s.futures.values())
+            sessions = [s for s in self.sessions.values() if not self.durable or s.channel is not None]
+            running = any(not f.done() for s in sessions for f in s.futures.values())
             return self.connections > 0 or running
 
     def _may_leave(self, idle_since: float) -> bool:
@@ -229,9 +235,19 @@ class Agent:
             self.sessions.pop(session.token, None)
         session.channel = None
 
+    def describe(self) -> str:
+        """The agent's state, for its log (``kill -USR2``)."""
+        with self.lock:
+            sessions = {
+                token[:8]: {i: f._state for i, f in s.futures.items()} | {"attached": s.channel is not None}
+                for token, s in self.sessions.items()
+            }
+            return f"agent {os.getpid()}: {self.connections} connections, sessions {sessions}"
+
     def close(self) -> None:
+        """Stop the executor; with durable results, queued jobs stay for a later client."""
         if self.executor is not None:
-            self.executor.shutdown(wait=True)
+            self.executor.shutdown(wait=not self.durable)
 
 
 def _refs(value: Any) -> list[wire.Ref]:
@@ -265,6 +281,8 @@ def main(argv: list[str]) -> None:
     listener.bind(path)
     listener.listen(16)
     agent = Agent(path, idle_timeout)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: stacks to the log
+    signal.signal(signal.SIGUSR2, lambda *_: print(agent.describe(), file=sys.stderr, flush=True))
     os.write(ready, b"1")
     os.close(ready)
     print(f"executorlib agent {os.getpid()} listening on {path}", file=sys.stderr, flush=True)
