@@ -133,10 +133,8 @@ def _stdin_to_socket(sock: socket.socket) -> None:
             sock.sendall(data)
     except OSError:
         pass
-    try:
+    with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_WR)  # the laptop is gone: the agent ends this session
-    except OSError:
-        pass
 
 
 def _write_all(descriptor: int, data: memoryview) -> None:

@@ -138,10 +138,8 @@ class RemoteExecutor(_StdExecutor):
             payload = self._payload(call, inline)
         except Exception as error:  # will not pickle: say so on this call's future
             return settle(call.future, exception=error)
-        try:
+        with contextlib.suppress(OSError, ValueError):  # the reader reconnects and resends
             channel.send(wire.Submit(call.id), payload)
-        except (OSError, ValueError):
-            pass  # the reader notices, reconnects and resends
 
     def _payload(self, call: _Call, inline: bool) -> list:
         def resolve(future: Future) -> Any:
