@@ -74,7 +74,8 @@ def _precheck(backend: str, pmi_mode: str | None) -> str | None:
 
 
 def cmd_hello(args: argparse.Namespace) -> int:
-    print(f"executorlib hello --backend {args.backend} (from {socket.gethostname()})")
+    via = f", through ssh to {args.ssh}" if args.ssh else ""
+    print(f"executorlib hello --backend {args.backend} (from {socket.gethostname()}{via})")
     remote = _ssh_options(args)
     if not remote and (problem := _precheck(args.backend, args.pmi_mode)) is not None:
         print(f"cannot run: {problem}", file=sys.stderr)
@@ -97,8 +98,10 @@ def cmd_hello(args: argparse.Namespace) -> int:
         ok = _run_hello(exe, args.timeout)
         if not ok:
             exe.shutdown(wait=True, cancel_futures=True)
-    if directory is not None and not remote:  # with --ssh the files are on the cluster
+    if directory is not None and not remote:
         _report_jobs(directory, keep=not ok)
+    elif directory is not None:
+        print(f"job files: ~/{os.path.basename(directory)} on {args.ssh} (remove it when done)")
     return 0 if ok else 1
 
 

@@ -273,3 +273,36 @@ def test_a_remote_python_of_another_minor_version_is_refused(remote):
     with pytest.raises(RuntimeError, match=r"Python 3\.\d+ at .* but Python 3\.\d+ here") as raised:
         SingleNodeExecutor(**remote.options(remote_python=str(other)))
     assert f"{sys.version_info[0]}.{sys.version_info[1]}" in str(raised.value)
+
+
+@pytest.mark.timeout(120)
+def test_options_the_agent_refuses_fail_at_construction(remote, tmp_path):
+    with pytest.raises(ValueError, match="refused 'slurm_submission'.*no_such_key"):
+        SlurmClusterExecutor(**remote.options(cache_directory=str(tmp_path / "cache"),
+                                              resource_dict={"no_such_key": 1}))
+
+
+@pytest.mark.timeout(120)
+def test_a_socket_directory_planted_by_another_user_is_refused(remote, tmp_path, other_user):
+    runtime = tmp_path / "xdg"
+    planted = runtime / "executorlib"
+    planted.mkdir(parents=True)
+    planted.chmod(0o777)
+    os.chown(planted, other_user.uid, other_user.gid)  # as if they had made it first
+    python = tmp_path / "python"
+    python.write_text(remote.python.read_text().replace(str(remote.run), str(runtime)))
+    python.chmod(0o755)
+    with pytest.raises(ConnectionError, match="not a private directory") as raised:
+        SingleNodeExecutor(**remote.options(remote_python=str(python)))
+    assert str(planted) in str(raised.value)
+    assert list(planted.iterdir()) == []  # no socket, lock or log was put there
+
+
+@pytest.mark.timeout(180)
+def test_executorlib_hello_over_ssh(remote):
+    argv = [sys.executable, "-m", "executorlib.cli", "hello", "--ssh", "login",
+            "--remote-python", str(remote.python), "--ssh-arg=-F", f"--ssh-arg={remote.config}"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=170,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "host n1" in done.stdout and "ranks 0, 1 of 2 on n1" in done.stdout
