@@ -212,8 +212,11 @@ def test_a_rerun_after_a_killed_notebook_reattaches(remote, tmp_path):
 
 @pytest.mark.timeout(120)
 def test_the_login_node_executor(remote):
-    # Two long-lived workers on the login node: a process per call is slow on a busy node.
-    with SingleNodeExecutor(**remote.options(block_allocation=True, max_workers=2)) as exe:
+    # The login node by address with ssh_gateway= (-J), not through the config's alias;
+    # two long-lived workers there: a process per call is slow on a busy node.
+    options = remote.options(ssh="root@10.77.0.11", ssh_gateway="gateway", block_allocation=True,
+                             max_workers=2)
+    with SingleNodeExecutor(**options) as exe:
         host, _ = exe.submit(where).result(timeout=60)
         chain = exe.submit(add, exe.submit(add, 1, 1), 40)
         failing = exe.submit(fail_here, "broken on purpose")

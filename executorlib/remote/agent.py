@@ -123,7 +123,10 @@ class Agent:
         os.write(self.wake_w, b"!")
 
     def _accept(self, listener: socket.socket) -> None:
-        conn, _ = listener.accept()
+        try:
+            conn, _ = listener.accept()
+        except OSError:  # the peer gave up before we took it
+            return
         _, uid, _ = _CRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
         if uid != os.getuid():
             conn.close()  # another user's process: not a byte read

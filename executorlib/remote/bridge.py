@@ -124,7 +124,10 @@ def relay(sock: socket.socket) -> None:
             return
         if not got:
             return
-        _write_all(1, view[:got])
+        try:
+            _write_all(1, view[:got])
+        except OSError:  # ssh's channel is gone: the laptop reconnects if it wants
+            return
 
 
 def _stdin_to_socket(sock: socket.socket) -> None:

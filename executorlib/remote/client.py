@@ -22,8 +22,8 @@ import threading
 import uuid
 import weakref
 from collections.abc import Callable
+from concurrent.futures import BrokenExecutor, Future
 from concurrent.futures import Executor as _StdExecutor
-from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,6 +69,7 @@ class RemoteExecutor(_StdExecutor):
         self._ids: weakref.WeakKeyDictionary[Future, int] = weakref.WeakKeyDictionary()
         self._next_id = 0
         self._shutdown = False
+        self._broken: ConnectionError | None = None  # set when reconnecting gave up
         self._closing = threading.Event()
         self._process: subprocess.Popen | None = None
         self._channel: wire.Channel | None = None
@@ -86,6 +87,8 @@ class RemoteExecutor(_StdExecutor):
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
+            if self._broken is not None:
+                raise BrokenExecutor(str(self._broken))
             call = _Call(self._next_id, fn, args, kwargs, resource_dict)
             self._next_id += 1
             self._calls[call.id] = call
@@ -261,6 +264,8 @@ class RemoteExecutor(_StdExecutor):
             f"{self._reconnect_timeout:.0f} s (last error: {last}); the calls may still run "
             "there: with a cache_directory, a new executor with the same calls collects them"
         )
+        with self._lock:
+            self._broken = error
         for call in calls:
             settle(call.future, exception=error)
 
