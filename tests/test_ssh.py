@@ -22,7 +22,7 @@ import socket
 import subprocess
 import sys
 import time
-from concurrent.futures import as_completed
+from concurrent.futures import CancelledError, as_completed
 from pathlib import Path
 
 import psutil
@@ -309,3 +309,20 @@ def test_executorlib_hello_over_ssh(remote):
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stdout + done.stderr
     assert "host n1" in done.stdout and "ranks 0, 1 of 2 on n1" in done.stdout
+
+
+@pytest.mark.timeout(300)
+def test_cancelling_from_the_laptop_cancels_the_job(remote, tmp_path):
+    flag, started = tmp_path / "never", tmp_path / "started"
+    with SlurmClusterExecutor(**remote.options(cache_directory=str(tmp_path / "cache"))) as exe:
+        held = exe.submit(wait_for, str(flag), str(started), "held")
+        after = exe.submit(add, held, 1)
+        try:
+            _wait_file(started)  # the job runs on the cluster
+            assert held.cancel()
+        finally:
+            if not held.cancelled():
+                flag.touch()
+        with pytest.raises(CancelledError):
+            after.result(timeout=200)  # cancelled on the cluster, as its input was
+    # the remote fixture checks that the job left the queue (scancel) without the flag
