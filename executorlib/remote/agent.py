@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import os
+import queue
 import select
 import signal
 import socket
@@ -40,17 +41,30 @@ _CRED = struct.Struct("3i")
 class Session:
     """One client executor's calls, kept across reconnects."""
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str, outbox: queue.SimpleQueue) -> None:
         self.token = token
         self.futures: dict[int, Future] = {}
         self.channel: wire.Channel | None = None
+        self._outbox = outbox
 
     def deliver(self, call_id: int, future: Future) -> None:
+        """Queue the outcome for the sender thread: a large result is pickled and
+        written there, not in the executor's thread that finished the call."""
+        self._outbox.put((self, call_id, future))
+
+    def send_now(self, call_id: int, future: Future) -> None:
         channel = self.channel
         if channel is None:
             return  # the client asks again with Resume
         with contextlib.suppress(OSError):
             channel.send(*_outcome(call_id, future))
+
+
+def _send_outcomes(outbox: queue.SimpleQueue) -> None:
+    """The agent's sender thread: outcomes in the order the calls finished."""
+    while (item := outbox.get()) is not None:
+        session, call_id, future = item
+        session.send_now(call_id, future)
 
 
 def _outcome(call_id: int, future: Future) -> tuple[wire.Outcome, list]:
@@ -76,6 +90,8 @@ class Agent:
         self.connections = 0
         self.lock = threading.Lock()
         self.wake_r, self.wake_w = os.pipe()
+        self.outbox: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=_send_outcomes, args=(self.outbox,), daemon=True).start()
 
     # ------------------------------------------------------------- lifecycle
     def serve(self, listener: socket.socket) -> None:
@@ -168,7 +184,7 @@ class Agent:
             return None
         with self.lock:
             known = hello.session in self.sessions
-            session = self.sessions.setdefault(hello.session, Session(hello.session))
+            session = self.sessions.setdefault(hello.session, Session(hello.session, self.outbox))
         session.channel = channel
         channel.send(wire.Welcome(known))
         return session
