@@ -190,6 +190,13 @@ class Agent:
         return session
 
     def _ensure_executor(self, hello: wire.Hello) -> None:
+        import executorlib
+
+        if hello.version != executorlib.__version__:
+            raise RuntimeError(
+                f"executorlib {hello.version} on the laptop but {executorlib.__version__} for "
+                f"{sys.executable} on {socket.gethostname()}; install the same version on both sides"
+            )
         with self.lock:
             if self.executor is not None:
                 return

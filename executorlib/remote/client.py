@@ -28,6 +28,7 @@ from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from typing import Any
 
+import executorlib
 from executorlib import serialize
 from executorlib.dependencies import find_futures, settle, substitute, when_resolved
 from executorlib.errors import with_remote_traceback
@@ -223,7 +224,8 @@ class RemoteExecutor(_StdExecutor):
                 raise EOFError
             parse_banner(line, self._target, sys.version_info[:2])
         channel = wire.Channel(process.stdout, process.stdin)
-        channel.send(wire.Hello(self._session, self._backend, self._options, sys.version_info[:2]))
+        channel.send(wire.Hello(self._session, self._backend, self._options, sys.version_info[:2],
+                                executorlib.__version__))
         answer = channel.receive()
         if answer is None:
             raise EOFError

@@ -34,6 +34,7 @@ class Hello:
     backend: str
     options: dict
     python: tuple[int, int]
+    version: str  # executorlib's, on the laptop: the agent refuses another version
 
 
 @dataclass(frozen=True)
