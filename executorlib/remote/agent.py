@@ -10,9 +10,9 @@ serves each connection (one ssh session, through a bridge) in a thread::
                ─ Resume(pending) ─> Missing(ids it never got); resends finished results
 
 It exits when no connection is open and nothing is left to deliver: no call still
-running, and every session either said Bye or keeps its results in files
-(``cache_directory``; a later client finds them there); else after ``idle_timeout``
-seconds without a connection once every call finished.
+running, and every session either said Bye or runs in queue jobs (submission mode:
+jobs outlive the agent and leave result files, which a later client finds by hash);
+else after ``idle_timeout`` seconds without a connection once every call finished.
 """
 
 from __future__ import annotations
@@ -203,7 +203,8 @@ class Agent:
             from executorlib.executor import backend_class
 
             self.executor = backend_class(hello.backend)(**hello.options)
-            self.durable = hello.options.get("cache_directory") is not None or "submission" in hello.backend
+            # Queue jobs outlive the agent and write result files; local workers do not.
+            self.durable = hello.backend.endswith("_submission")
 
     def _loop(self, channel: wire.Channel, session: Session) -> None:
         while (message := channel.receive()) is not None:
