@@ -21,6 +21,7 @@ from executorlib.errors import RemoteTraceback, WorkerDiedError
 from executorlib.queue import FluxQueue, JobSpec, SubmissionError, render_script
 from executorlib.resources import Resources
 from executorlib.submission import LocalClusterExecutor
+from executorlib.taskfiles import TaskFiles
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -128,7 +129,7 @@ def test_flux_adapter_renders_and_reads_states():
     # flux-core cannot be installed here: only the parts that need no Flux instance.
     states = FluxQueue.parse_states("f2a 'RUN' x\nf3b INACTIVE CANCELED\nf4c INACTIVE COMPLETED\n")
     assert states["f3b"].state == "CANCELLED" and states["f4c"].state == "COMPLETED"
-    spec = JobSpec("add_1", "t.h5", "s.sh", "o.out", "/w", Resources(cores=2))
+    spec = JobSpec("add_1", TaskFiles("/c", "add_1"), "/w", Resources(cores=2))
     assert "flux run -n 2" in FluxQueue().command(spec)
     assert "#SBATCH --ntasks=2" in render_script(spec, "true")
 
