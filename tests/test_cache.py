@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -144,3 +145,34 @@ def test_key_is_stable_across_processes_for_main_functions(tmp_path):
         assert done.stdout.split() == ["31", "alphabetadeltagamma"]
     assert runs(marker) == 1
     assert len(h5_files(cache)) == 2
+
+
+class Adder:
+    """A callable object: its key must not hold its memory address."""
+
+    def __init__(self, offset):
+        self.offset = offset
+
+    def __call__(self, marker, a):
+        return record_and_add(marker, a, self.offset)
+
+
+def test_partial_and_callable_objects_hit_the_cache(tmp_path):
+    marker, cache = str(tmp_path / "marker"), str(tmp_path / "cache")
+    kept = []  # alive, so each round's objects live at new addresses
+    for _ in range(2):
+        kept += [functools.partial(record_and_add, marker, b=1), Adder(2)]
+        with Executor(cache_directory=cache) as exe:
+            assert exe.submit(kept[-2], 1).result(timeout=60) == 2
+            assert exe.submit(kept[-1], marker, 1).result(timeout=60) == 3
+    assert runs(marker) == 2
+    assert sorted(name.split("_")[0] for name in h5_files(cache)) == ["Adder", "record"]
+
+
+def test_cache_key_per_call_with_block_allocation(tmp_path):
+    marker, cache = str(tmp_path / "marker"), str(tmp_path / "cache")
+    for _ in range(2):
+        with Executor(max_workers=1, block_allocation=True, cache_directory=cache) as exe:
+            future = exe.submit(record_and_add, marker, 2, 3, resource_dict={"cache_key": "five"})
+            assert future.result(timeout=60) == 5
+    assert runs(marker) == 1 and h5_files(cache) == ["five.h5"]

@@ -4,6 +4,7 @@ scripts, jobs as local processes). Every job writes real HDF5 files."""
 
 from __future__ import annotations
 
+import gc
 import glob
 import os
 import subprocess
@@ -11,6 +12,7 @@ import sys
 import textwrap
 import threading
 import time
+import weakref
 from concurrent.futures import CancelledError
 from pathlib import Path
 
@@ -123,6 +125,31 @@ def test_local_variant_cap_keeps_jobs_in_order(in_tmp):
         spans = [f.result(timeout=60) for f in [exe.submit(interval, 0.5 + i / 100) for i in range(3)]]
     assert spans == sorted(spans)
     assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:], strict=False))
+
+
+def big_bytes(n):
+    return b"x" * n
+
+
+def test_local_variant_a_job_that_cannot_start_fails_alone(in_tmp):
+    with LocalClusterExecutor(cache_directory="cache") as exe:
+        lost = exe.submit(add, 1, 1, resource_dict={"cwd": str(in_tmp / "no" / "such" / "dir")})
+        with pytest.raises(WorkerDiedError, match=r"(?s)FAILED.*could not start.*no/such/dir"):
+            lost.result(timeout=60)
+        assert exe.submit(add, 1, 2).result(timeout=60) == 3  # the watcher goes on
+
+
+def test_local_variant_keeps_no_finished_result(in_tmp):
+    with LocalClusterExecutor(cache_directory="cache") as exe:
+        future = exe.submit(big_bytes, 10_000_000)
+        assert len(future.result(timeout=60)) == 10_000_000
+        alive = weakref.ref(future)
+        del future
+        gc.collect()
+        assert alive() is None  # the executor did not keep the future (and its 10 MB)
+        first = exe.submit(add, 1, 2)
+        assert first.result(timeout=60) == 3
+        assert exe.submit(add, first, 1).result(timeout=60) == 4  # a finished input still works
 
 
 def test_flux_adapter_renders_and_reads_states():
