@@ -36,10 +36,12 @@ from executorlib.errors import with_remote_traceback
 from executorlib.files import (
     KEY_FILE_VARIABLE,
     UntrustedFileError,
+    check_directory,
     descriptor_path,
     entry_mac,
     open_trusted,
     private_directory,
+    read_small_text,
     replacing,
     shared_key,
 )
@@ -308,24 +310,44 @@ def _unhashable(task: Task, error: Exception) -> Exception:
 # ------------------------------------------------------ public functions
 def get_cache_data(cache_directory: str) -> list[dict]:
     """One dict per cached call in ``cache_directory``, ready for ``pandas.DataFrame``:
-    ``function`` (name), ``args``, ``kwargs``, ``result``, ``error``, ``traceback``, ``runtime``
-    (seconds), ``resources`` and ``filename``. Unreadable files are skipped with a
-    warning."""
+    ``function`` (name), ``input_args``, ``input_kwargs``, ``output`` (the result),
+    ``error``, ``traceback``, ``runtime`` (seconds), ``queue_id`` (submission mode's job
+    id, else None), ``resources`` and ``filename``; ``args``, ``kwargs`` and ``result``
+    are the same values under their older names. This unpickles the stored values, so
+    a directory or file that another user owns or can write is refused (see
+    executorlib.files); unreadable files are skipped with a warning."""
+    directory = os.path.abspath(cache_directory)
+    check_directory(directory)
     rows = []
-    for path in sorted(glob.glob(os.path.join(glob.escape(os.path.abspath(cache_directory)), "*.h5"))):
+    for path in sorted(glob.glob(os.path.join(glob.escape(directory), "*.h5"))):
         try:
-            found = read_file(path)
-            loaded = {key: pickle.loads(found[key]) for key in BLOBS[:-1] if key in found}
+            found = read_file(path, _DATA_BLOBS)
+            loaded = {key: pickle.loads(found[key]) for key in _DATA_BLOBS[:-1] if key in found}
         except Exception as error:
             warnings.warn(f"skipping unreadable cache file {path}: {error}", RuntimeWarning, stacklevel=2)
             continue
-        rows.append({
-            "function": found["name"], "args": loaded.get("args"), "kwargs": loaded.get("kwargs"),
-            "result": loaded.get("result"), "error": loaded.get("error"),
-            "traceback": found.get("traceback", b"").decode() or None,
-            "runtime": found["runtime"], "resources": loaded.get("resources"), "filename": path,
-        })
+        rows.append(_row(TaskFiles(directory, os.path.basename(path)[: -len(".h5")]), found, loaded))
     return rows
+
+
+_DATA_BLOBS = ("args", "kwargs", "result", "error", "resources", "traceback")
+
+
+def _row(files: TaskFiles, found: dict[str, Any], loaded: dict[str, Any]) -> dict[str, Any]:
+    args, kwargs, result = loaded.get("args"), loaded.get("kwargs"), loaded.get("result")
+    return {
+        "function": found["name"], "input_args": args, "input_kwargs": kwargs, "output": result,
+        "error": loaded.get("error"), "traceback": found.get("traceback", b"").decode() or None,
+        "runtime": found["runtime"], "queue_id": _queue_id(files), "resources": loaded.get("resources"),
+        "filename": files.result, "args": args, "kwargs": kwargs, "result": result,
+    }
+
+
+def _queue_id(files: TaskFiles) -> str | None:
+    try:
+        return read_small_text(files.job_id).strip() or None
+    except (OSError, ValueError):  # not submitted as a job, or no usable id
+        return None
 
 
 def get_future_from_cache(cache_directory: str, cache_key: str) -> Future:

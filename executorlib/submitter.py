@@ -34,7 +34,7 @@ from typing import Any, Protocol
 
 from executorlib.cache import Upstream, read_outcome
 from executorlib.dependencies import settle, substitute, when_resolved
-from executorlib.files import create_private, private_directory
+from executorlib.files import private_directory
 from executorlib.hashing import task_key
 from executorlib.jobfiles import death_error, read_job_id, write_job_id, write_task_file
 from executorlib.queue import JobSpec, JobState, SubmissionError
@@ -239,7 +239,6 @@ class Submitter:
             self._finish(record, exception=_unpicklable(task, error))
             return
         try:
-            create_private(files.output)  # the queue writes into it: it stays private
             job_id = self._queue.submit(spec)
             write_job_id(files, job_id)
         except Exception as error:  # the queue's refusal, a missing folder...: this call fails

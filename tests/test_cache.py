@@ -107,6 +107,8 @@ def test_get_cache_data_is_ready_for_pandas(tmp_path):
     assert list(frame["function"]) == ["big_array", "record_and_add"]
     row = frame.iloc[1]
     assert row["args"] == (marker, 1) and row["kwargs"] == {"b": 2} and row["result"] == 3
+    assert row["input_args"] == (marker, 1) and row["input_kwargs"] == {"b": 2} and row["output"] == 3
+    assert row["queue_id"] is None  # not a queue job
     assert row["error"] is None and row["runtime"] > 0 and row["resources"]["cores"] == 1
     assert os.path.basename(row["filename"]).startswith("record_and_add_")
     assert np.array_equal(frame.iloc[0]["result"], big_array(100_000))  # > 64 kB: a dataset

@@ -70,7 +70,8 @@ def runs(marker):
 
 
 def job_ids(cache):
-    return sorted(Path(path).read_text() for path in glob.glob(os.path.join(cache, "jobs", "*.job")))
+    ids = [Path(path).read_text() for path in glob.glob(os.path.join(cache, "jobs", "*.job"))]
+    return sorted(ids, key=lambda job_id: (len(job_id), job_id))  # in submission order
 
 
 def in_queue(ids):
@@ -98,7 +99,8 @@ def test_local_variant_chain_cache_and_files(in_tmp):
                 future = exe.submit(add, i, exe.submit(mark, marker, future))
             assert future.result(timeout=60) == 22
     assert runs(marker) == ["0", "4", "9", "15"]  # each call ran once over both runs
-    assert len(get_cache_data("cache")) == 8
+    rows = get_cache_data("cache")
+    assert len(rows) == 8 and all(row["queue_id"].startswith("local-") for row in rows)
     assert len(glob.glob("cache/jobs/*.task.h5")) == 8
 
 
