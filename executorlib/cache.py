@@ -1,29 +1,18 @@
-"""Results in HDF5 files that outlive the Python process: one file per call.
+"""The result cache: one HDF5 file per call, found again by a later run.
 
 The file name is the key (executorlib.hashing): ``<function name>_<hash>.h5``, or
 ``<cache_key>.h5``; a lookup is one open, never a walk of the directory. Where a call's
-other files live (task file, job script, output) is executorlib.taskfiles.
-
-A file holds the pickled function, args, kwargs and resources, and either ``result``
-or ``error`` (error files are written only by submission jobs and are never served
-as hits: errors are not cached), the ``name`` and the ``runtime`` in seconds. Small
-blobs are HDF5 attributes, large ones datasets (attributes are limited to 64 kB). A
-file is written under a random temporary name created exclusively and ``os.replace``d
-(executorlib.files), so one that exists is complete; one that cannot be read anyway is
-reported in a warning and recomputed.
-
-Nothing is unpickled from a file or directory another user owns or can write
-(executorlib.files.open_trusted); in a shared cache (``EXECUTORLIB_SHARED_CACHE_KEY_FILE``)
-every blob carries an HMAC (``mac.<blob>``) and is unpickled only when it verifies.
-
-This is the only module that imports h5py (``pip install 'executorlib[cache]'``).
+other files live (task file, job script, output) is executorlib.taskfiles; the file
+format, and how it is written and read safely, executorlib.h5file. Errors are stored
+only by submission jobs and are never served as hits: errors are not cached. A file that
+cannot be read, or that another user could have written, is reported in a warning and
+computed again; a cache directory another user owns or can write is refused.
 """
 
 from __future__ import annotations
 
 import functools
 import glob
-import hmac
 import os
 import pickle
 import time
@@ -32,177 +21,13 @@ from concurrent.futures import Future
 from typing import Any
 
 from executorlib.dependencies import settle
-from executorlib.errors import with_remote_traceback
-from executorlib.files import (
-    KEY_FILE_VARIABLE,
-    UntrustedFileError,
-    check_directory,
-    descriptor_path,
-    entry_mac,
-    open_trusted,
-    private_directory,
-    read_small_text,
-    replacing,
-    shared_key,
-)
+from executorlib.files import UntrustedFileError, check_directory, private_directory, read_small_text
+from executorlib.h5file import outcome_of, read_file, read_outcome, write_file
 from executorlib.hashing import task_key
 from executorlib.resources import Resources
 from executorlib.serialize import to_bytes
 from executorlib.task import Task
 from executorlib.taskfiles import TaskFiles
-
-try:
-    import numpy as np
-    from h5py import h5a, h5d, h5f, h5p, h5s, h5t
-except ImportError as _error:  # pragma: no cover - depends on the installation
-    raise ImportError(
-        "cache_directory and submission mode store results in HDF5 files, which needs h5py: "
-        "pip install 'executorlib[cache]'"
-    ) from _error
-
-BLOBS = ("function", "args", "kwargs", "resources", "result", "error", "traceback")
-_ATTRIBUTE_MAX = 32 * 1024  # bigger blobs go to datasets (attribute limit: 64 kB)
-# No HDF5 file locks: files are never changed in place (written aside, then replaced).
-_ACCESS = h5p.create(h5p.FILE_ACCESS)
-_ACCESS.set_file_locking(False, True)
-
-
-# ------------------------------------------------------------ file format
-def write_file(path: str, blobs: dict[str, bytes], name: str, runtime: float = 0.0) -> None:
-    """Write ``blobs`` (pickles) plus ``name`` and ``runtime`` to ``path`` atomically,
-    private, through a temporary file of our own (never a planted link)."""
-    key, entry = shared_key(), _entry(path)
-    with replacing(path) as descriptor:
-        fid = h5f.create(descriptor_path(descriptor).encode(), h5f.ACC_TRUNC, fapl=_ACCESS)
-        try:
-            for blob_name, blob in blobs.items():
-                _write_blob(fid, blob_name, blob)
-                if key is not None:
-                    _write_blob(fid, f"mac.{blob_name}", entry_mac(key, entry, blob_name, blob))
-            _write_blob(fid, "name", name.encode())
-            runtime_attribute = h5a.create(fid, b"runtime", h5t.IEEE_F64LE, h5s.create(h5s.SCALAR))
-            runtime_attribute.write(np.array(runtime, dtype=np.float64))
-            runtime_attribute.close()
-        finally:
-            fid.close()
-
-
-def _entry(path: str) -> str:
-    """What an entry's HMAC binds it to: its file name (so it cannot be moved to another)."""
-    return os.path.basename(path)
-
-
-def _write_blob(fid: Any, key: str, blob: bytes) -> None:
-    data = np.frombuffer(blob, dtype=np.uint8)
-    space = h5s.create_simple((max(data.size, 1),))
-    data = data if data.size else np.zeros(1, dtype=np.uint8)  # HDF5 has no empty extents
-    if data.size <= _ATTRIBUTE_MAX:
-        target = h5a.create(fid, key.encode(), h5t.STD_U8LE, space)
-        target.write(data)
-    else:
-        target = h5d.create(fid, key.encode(), h5t.STD_U8LE, space)
-        target.write(h5s.ALL, h5s.ALL, data)
-    target.close()
-
-
-class _Reader:
-    """An open result or task file whose blobs may be unpickled: opened through
-    ``open_trusted``; in a shared directory every blob's HMAC is checked on reading."""
-
-    def __init__(self, path: str) -> None:
-        descriptor, shared = open_trusted(path)
-        try:  # HDF5 opens the very file we checked, through its descriptor
-            self._fid = h5f.open(descriptor_path(descriptor).encode(), h5f.ACC_RDONLY, fapl=_ACCESS)
-        finally:
-            os.close(descriptor)
-        self.path, self._key = path, shared_key() if shared else None
-
-    def __enter__(self) -> _Reader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._fid.close()
-
-    def has(self, name: str) -> bool:
-        if h5a.exists(self._fid, name.encode()):
-            return True
-        try:
-            h5d.open(self._fid, name.encode()).close()
-        except KeyError:  # h5py's "no such object"
-            return False
-        return True
-
-    def blob(self, name: str) -> bytes:
-        data = _read_blob(self._fid, name)
-        if self._key is not None and name not in ("name",):
-            mac = _read_blob(self._fid, f"mac.{name}") if self.has(f"mac.{name}") else b""
-            if not hmac.compare_digest(mac, entry_mac(self._key, _entry(self.path), name, data)):
-                raise UntrustedFileError(
-                    f"refusing {self.path}: its {name!r} is not authenticated with the shared-cache "
-                    f"key of {KEY_FILE_VARIABLE}; it was written without that key or changed since"
-                )
-        return data
-
-    def runtime(self) -> float:
-        runtime = np.empty((), dtype=np.float64)
-        runtime_attribute = h5a.open(self._fid, b"runtime")
-        runtime_attribute.read(runtime)
-        runtime_attribute.close()
-        return float(runtime)
-
-
-def _read_blob(fid: Any, key: str) -> bytes:
-    # Handles are closed at once: an open attribute keeps the file open after close().
-    if h5a.exists(fid, key.encode()):
-        source = h5a.open(fid, key.encode())
-        data = np.empty(source.shape, dtype=np.uint8)
-        source.read(data)
-    else:
-        source = h5d.open(fid, key.encode())
-        data = np.empty(source.shape, dtype=np.uint8)
-        source.read(h5s.ALL, h5s.ALL, data)
-    source.close()
-    return data.tobytes()
-
-
-def read_file(path: str, keys: tuple[str, ...] = BLOBS) -> dict[str, Any]:
-    """The blobs of ``keys`` present in ``path`` (bytes, authenticated where the cache
-    is shared), plus ``name`` and ``runtime``. Raises ``OSError`` (missing, truncated,
-    not HDF5; ``UntrustedFileError`` when another user could have written it) or
-    ``KeyError`` (not ours)."""
-    with _Reader(path) as reader:
-        found = {key: reader.blob(key) for key in keys if reader.has(key)}
-        found["name"] = reader.blob("name").decode()
-        found["runtime"] = reader.runtime()
-    return found
-
-
-def read_outcome(path: str, warn: bool = True) -> tuple[str, Any] | None:
-    """``("result", value)`` or ``("error", exception)`` stored in ``path``; None if the
-    file is missing or (with a warning) unreadable or untrusted. One open, one read."""
-    try:
-        return outcome_of(path)
-    except FileNotFoundError:
-        return None
-    except Exception as error:
-        if warn:
-            warnings.warn(
-                f"executorlib cache file {path} cannot be read ({type(error).__name__}: {error}); "
-                "the call runs again and the file is overwritten",
-                RuntimeWarning, stacklevel=2,
-            )
-        return None
-
-
-def outcome_of(path: str) -> tuple[str, Any]:
-    """Like :func:`read_outcome`, but every problem is raised."""
-    with _Reader(path) as reader:
-        if reader.has("result"):
-            return "result", pickle.loads(reader.blob("result"))
-        error = pickle.loads(reader.blob("error"))
-        if reader.has("traceback"):
-            error = with_remote_traceback(error, reader.blob("traceback").decode())
-        return "error", error
 
 
 class Upstream:

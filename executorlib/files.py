@@ -100,6 +100,7 @@ def open_trusted(path: str) -> tuple[int, bool]:
     authenticated (a shared directory). Raises ``FileNotFoundError``, or
     ``UntrustedFileError`` for a link, a FIFO or another non-regular file, or a file or
     directory another user could have written."""
+    os.lstat(path)  # a miss (the common case of a cache lookup) costs one system call
     directory, name = os.path.split(os.path.abspath(path))
     parent = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:

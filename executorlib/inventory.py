@@ -19,8 +19,8 @@ import shutil
 from dataclasses import dataclass
 from typing import Protocol
 
-from executorlib.cache import read_file
 from executorlib.files import check_directory, read_small_text
+from executorlib.h5file import read_file
 from executorlib.processes import pid_alive, tail_lines
 from executorlib.queue import FluxQueue, JobState, SlurmQueue, SubmissionError
 from executorlib.taskfiles import TaskFiles, files_by_key

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from executorlib.cache import resources_blob, write_file
+from executorlib.cache import resources_blob
 from executorlib.errors import WorkerDiedError
 from executorlib.files import read_small_text, write_text
+from executorlib.h5file import write_file
 from executorlib.processes import tail_lines
 from executorlib.queue import JobState
 from executorlib.task import Task

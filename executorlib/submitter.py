@@ -32,9 +32,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from executorlib.cache import Upstream, read_outcome
+from executorlib.cache import Upstream
 from executorlib.dependencies import settle, substitute, when_resolved
 from executorlib.files import private_directory
+from executorlib.h5file import read_outcome
 from executorlib.hashing import task_key
 from executorlib.jobfiles import death_error, read_job_id, write_job_id, write_task_file
 from executorlib.queue import JobSpec, JobState, SubmissionError

@@ -102,7 +102,7 @@ def test_get_cache_data_is_ready_for_pandas(tmp_path):
     marker, cache = str(tmp_path / "marker"), str(tmp_path / "cache")
     with Executor(cache_directory=cache) as exe:
         assert exe.submit(record_and_add, marker, 1, b=2).result(timeout=60) == 3
-        assert exe.submit(big_array, 100_000).result(timeout=60).sum() == sum(range(100_000))
+        assert exe.submit(big_array, 200_000).result(timeout=60).sum() == sum(range(200_000))
     frame = pandas.DataFrame(get_cache_data(cache)).sort_values("function")
     assert list(frame["function"]) == ["big_array", "record_and_add"]
     row = frame.iloc[1]
@@ -111,7 +111,7 @@ def test_get_cache_data_is_ready_for_pandas(tmp_path):
     assert row["queue_id"] is None  # not a queue job
     assert row["error"] is None and row["runtime"] > 0 and row["resources"]["cores"] == 1
     assert os.path.basename(row["filename"]).startswith("record_and_add_")
-    assert np.array_equal(frame.iloc[0]["result"], big_array(100_000))  # > 64 kB: a dataset
+    assert np.array_equal(frame.iloc[0]["result"], big_array(200_000))  # > 1 MiB
 
 
 SCRIPT = """

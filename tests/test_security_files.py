@@ -17,8 +17,8 @@ import tempfile
 import pytest
 
 from executorlib import Executor, SlurmClusterExecutor, get_future_from_cache
-from executorlib.cache import write_file
 from executorlib.files import KEY_FILE_VARIABLE, UntrustedFileError
+from executorlib.h5file import write_file
 from executorlib.queue import SubmissionError
 from executorlib.submission import LocalClusterExecutor
 
