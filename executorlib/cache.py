@@ -12,7 +12,6 @@ computed again; a cache directory another user owns or can write is refused.
 from __future__ import annotations
 
 import functools
-import glob
 import os
 import pickle
 import time
@@ -27,7 +26,7 @@ from executorlib.hashing import task_key
 from executorlib.resources import Resources
 from executorlib.serialize import to_bytes
 from executorlib.task import Task
-from executorlib.taskfiles import TaskFiles
+from executorlib.taskfiles import TaskFiles, files_by_key
 
 
 class Upstream:
@@ -144,14 +143,18 @@ def get_cache_data(cache_directory: str) -> list[dict]:
     directory = os.path.abspath(cache_directory)
     check_directory(directory)
     rows = []
-    for path in sorted(glob.glob(os.path.join(glob.escape(directory), "*.h5"))):
-        try:
-            found = read_file(path, _DATA_BLOBS)
-            loaded = {key: pickle.loads(found[key]) for key in _DATA_BLOBS[:-1] if key in found}
-        except Exception as error:
-            warnings.warn(f"skipping unreadable cache file {path}: {error}", RuntimeWarning, stacklevel=2)
+    for key, paths in sorted(files_by_key(directory).items()):
+        files = TaskFiles(directory, key)
+        if files.result not in paths:
             continue
-        rows.append(_row(TaskFiles(directory, os.path.basename(path)[: -len(".h5")]), found, loaded))
+        try:
+            found = read_file(files.result, _DATA_BLOBS)
+            loaded = {name: pickle.loads(found[name]) for name in _DATA_BLOBS[:-1] if name in found}
+        except Exception as error:
+            warnings.warn(f"skipping unreadable cache file {files.result}: {error}", RuntimeWarning,
+                          stacklevel=2)
+            continue
+        rows.append(_row(files, found, loaded))
     return rows
 
 

@@ -163,7 +163,11 @@ def replacing(path: str) -> Iterator[int]:
     it is removed. Mode 0600 (0640 in a shared cache directory, for the team to read);
     a directory another user can write is refused unless a shared-cache key is set."""
     directory, name = os.path.split(os.path.abspath(path))
-    parent = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        parent = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:  # a sub-directory of a cache_key such as "run1/step3"
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        parent = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         mode = 0o640 if directory_is_shared(os.fstat(parent), directory) else 0o600
         temporary = f".{name}.{secrets.token_hex(8)}.tmp"

@@ -22,7 +22,7 @@ from typing import Any
 
 from executorlib.task import Task
 
-_PLAIN_NAME = re.compile(r"(?!\.)[\w.+=@,-]+")
+_PLAIN_NAME = re.compile(r"(?!\.|jobs/)[\w.+=@,-]+(/(?!\.)[\w.+=@,-]+)*")
 _CODE_DIGESTS: dict[types.CodeType, bytes] = {}
 
 
@@ -33,8 +33,9 @@ def task_key(task: Task) -> str:
     if key is not None:
         if not _PLAIN_NAME.fullmatch(key):
             raise ValueError(
-                f"cache_key {key!r} of {task.name} must be a plain file name: letters, digits "
-                "and . _ - + = @ , only, not starting with '.' (no '/', spaces or newlines)"
+                f"cache_key {key!r} of {task.name} must be a plain file name, or names joined by "
+                "'/' for sub-directories ('run1/step3'): letters, digits and . _ - + = @ , only, "
+                "no part starting with '.', not under 'jobs/' (no spaces or newlines)"
             )
         return key
     call = (task.fn, task.args, task.kwargs)

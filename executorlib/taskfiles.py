@@ -61,12 +61,15 @@ class TaskFiles:
 
 
 def files_by_key(directory: str) -> dict[str, set[str]]:
-    """Every file of ``directory``'s calls that exists, grouped by the call's key."""
+    """Every file of ``directory``'s calls that exists, grouped by the call's key (keys
+    with sub-directories included)."""
     found: dict[str, set[str]] = {}
-    for path in glob.glob(os.path.join(glob.escape(directory), "*.h5")):
-        found.setdefault(os.path.basename(path)[: -len(".h5")], set()).add(path)
-    for path in glob.glob(os.path.join(glob.escape(directory), "jobs", "*")):
-        name = os.path.basename(path)
+    jobs = os.path.join(directory, "jobs")
+    for path in glob.glob(os.path.join(glob.escape(directory), "**", "*.h5"), recursive=True):
+        if not path.startswith(jobs + os.sep):
+            found.setdefault(os.path.relpath(path, directory)[: -len(".h5")], set()).add(path)
+    for path in glob.glob(os.path.join(glob.escape(jobs), "**", "*"), recursive=True):
+        name = os.path.relpath(path, jobs)
         suffix = next((s for s in JOB_SUFFIXES if name.endswith(s)), None)
         if suffix is not None:
             found.setdefault(name[: -len(suffix)], set()).add(path)

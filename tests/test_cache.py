@@ -90,7 +90,7 @@ def test_cache_key_names_the_file_and_get_future_from_cache(tmp_path):
         future = exe.submit(record_and_add, marker, 2, 3, resource_dict={"cache_key": "five"})
         assert future.result(timeout=60) == 5
         with pytest.raises(ValueError, match="plain file name"):
-            exe.submit(record_and_add, marker, 1, resource_dict={"cache_key": "a/b"}).result(timeout=60)
+            exe.submit(record_and_add, marker, 1, resource_dict={"cache_key": "../b"}).result(timeout=60)
     assert h5_files(cache) == ["five.h5"]
     assert get_future_from_cache(cache, "five").result(timeout=0) == 5
     with pytest.raises(FileNotFoundError, match="no cached result 'six'"):
@@ -178,3 +178,19 @@ def test_cache_key_per_call_with_block_allocation(tmp_path):
             future = exe.submit(record_and_add, marker, 2, 3, resource_dict={"cache_key": "five"})
             assert future.result(timeout=60) == 5
     assert runs(marker) == 1 and h5_files(cache) == ["five.h5"]
+
+
+def test_cache_key_with_sub_directories(tmp_path):
+    marker, cache = str(tmp_path / "marker"), tmp_path / "cache"
+    for _ in range(2):
+        with Executor(cache_directory=str(cache)) as exe:
+            future = exe.submit(record_and_add, marker, 1, 2, resource_dict={"cache_key": "run1/step3"})
+            assert future.result(timeout=60) == 3
+            for bad in ("../outside", "run1/.hidden", "jobs/x", "/absolute"):
+                with pytest.raises(ValueError, match="plain file name"):
+                    exe.submit(record_and_add, marker, 1, resource_dict={"cache_key": bad}).result(timeout=60)
+    assert runs(marker) == 1
+    assert (cache / "run1" / "step3.h5").is_file() and oct((cache / "run1").stat().st_mode & 0o777) == "0o700"
+    assert get_future_from_cache(str(cache), "run1/step3").result(timeout=0) == 3
+    (row,) = get_cache_data(str(cache))
+    assert row["filename"] == str(cache / "run1" / "step3.h5") and row["output"] == 3

@@ -154,6 +154,16 @@ def test_local_variant_keeps_no_finished_result(in_tmp):
         assert exe.submit(add, first, 1).result(timeout=60) == 4  # a finished input still works
 
 
+def test_local_variant_cache_key_with_a_sub_directory(in_tmp):
+    with LocalClusterExecutor(cache_directory="cache") as exe:
+        first = exe.submit(add, 1, 2, resource_dict={"cache_key": "run1/step3"})
+        assert exe.submit(add, first, 1, resource_dict={"cache_key": "run1/step4"}).result(timeout=60) == 4
+    assert sorted(p.name for p in (in_tmp / "cache" / "jobs" / "run1").iterdir()) == [
+        f"step{i}.{suffix}" for i in (3, 4) for suffix in ("job", "out", "sh", "task.h5")]
+    rows = {row["filename"]: row for row in get_cache_data("cache")}
+    assert rows[str(in_tmp / "cache" / "run1" / "step4.h5")]["queue_id"].startswith("local-")
+
+
 def test_flux_adapter_renders_and_reads_states():
     # flux-core cannot be installed here: only the parts that need no Flux instance.
     states = FluxQueue.parse_states("f2a 'RUN' x\nf3b INACTIVE CANCELED\nf4c INACTIVE COMPLETED\n")
