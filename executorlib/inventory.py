@@ -158,6 +158,47 @@ def cancel_jobs(job_ids: list[str]) -> None:
         queue.cancel(ids)
 
 
+def terminate_tasks_in_cache(
+    cache_directory: str, config_directory: str | None = None, backend: str | None = None
+) -> list[str]:
+    """Cancel the queue jobs of the calls in ``cache_directory`` still queued or running,
+    from any process (the executor that submitted them may be gone); the job ids cancelled.
+
+    ``config_directory``: a pysqa configuration to cancel through (for queues other than
+    Slurm and Flux). ``backend`` (``"slurm"``, ``"flux"``) is accepted for compatibility:
+    the queue is known from each job id.
+    """
+    calls = [c for c in list_calls(cache_directory) if c.state in ("queued", "running") and c.job_id]
+    return _terminate([call.job_id for call in calls], config_directory, backend)
+
+
+def terminate_task_in_cache(
+    cache_directory: str, cache_key: str, config_directory: str | None = None, backend: str | None = None
+) -> str | None:
+    """Cancel the queue job of the call ``cache_key`` (its file name without ``.h5``, e.g.
+    the ``cache_key`` of its ``resource_dict``) if it is still queued or running; its job
+    id, or None when there was nothing to cancel. Arguments as for
+    :func:`terminate_tasks_in_cache`."""
+    calls = [c for c in list_calls(cache_directory) if c.key == cache_key]
+    if not calls:
+        raise FileNotFoundError(f"no call {cache_key!r} in {cache_directory}; `executorlib status "
+                                f"{cache_directory}` lists them")
+    active = [c.job_id for c in calls if c.state in ("queued", "running") and c.job_id]
+    return (_terminate(active, config_directory, backend) or [None])[0]
+
+
+def _terminate(job_ids: list[str], config_directory: str | None, backend: str | None) -> list[str]:
+    if backend not in (None, "slurm", "flux"):
+        raise ValueError(f"backend must be 'slurm', 'flux' or None, got {backend!r}")
+    if config_directory is not None and job_ids:
+        from executorlib.queue import PysqaQueue
+
+        PysqaQueue(config_directory).cancel(job_ids)
+    else:
+        cancel_jobs(job_ids)
+    return job_ids
+
+
 class _Queue(Protocol):
     def states(self, job_ids: list[str]) -> dict[str, JobState]: ...
 

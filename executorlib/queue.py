@@ -20,7 +20,7 @@ import subprocess
 from dataclasses import dataclass
 
 from executorlib.files import create_private, write_text
-from executorlib.jobscript import render_script
+from executorlib.jobscript import render_script, script_variables
 from executorlib.processes import child_environment, mpiexec_prefix, python_argv
 from executorlib.resources import Resources
 from executorlib.taskfiles import TaskFiles
@@ -211,6 +211,7 @@ class PysqaQueue:
 
     def submit(self, spec: JobSpec) -> str:
         resources = spec.resources
+        _plain_words(spec, self.command(spec))
         job_id = self._adapter.submit_job(
             queue=resources.partition, job_name=spec.job_name, working_directory=spec.working_directory,
             cores=resources.cores, memory_max=resources.memory_max, run_time_max=resources.run_time_max,
@@ -227,6 +228,20 @@ class PysqaQueue:
     def cancel(self, job_ids: list[str]) -> None:
         for job_id in job_ids:
             self._adapter.delete_job(_as_int(job_id))
+
+
+def _plain_words(spec: JobSpec, command: str) -> None:
+    """pysqa renders its templates itself, without quoting: refuse any value that a job
+    script would not read as one plain word."""
+    variables = script_variables(spec, command)  # refuses line breaks
+    for name in ("job_name", "working_directory", "partition"):
+        value = variables[name]
+        if value is not None and shlex.quote(str(value)) != str(value):
+            raise SubmissionError(
+                f"cannot submit {spec.job_name} through pysqa: {name}={value!r} holds characters "
+                "(spaces, quotes, $, ;...) that pysqa writes into the job script unquoted; use a "
+                "folder and names without them, or submit without pysqa_config_directory"
+            )
 
 
 def _as_int(job_id: str) -> int | str:

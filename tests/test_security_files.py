@@ -262,3 +262,22 @@ def test_slurm_submission_from_a_directory_with_a_space(slurm, tmp_path, monkeyp
     assert stat.S_IMODE(output.stat().st_mode) == 0o600  # Slurm's --output file is private
     (script,) = (here / "cache" / "jobs").glob("*.sh")
     assert f"--chdir='{here}'" in script.read_text()
+
+
+def test_pysqa_refuses_values_it_would_write_unquoted(tmp_path, monkeypatch):
+    pytest.importorskip("pysqa")
+    config = tmp_path / "pysqa"
+    config.mkdir()
+    (config / "queue.yaml").write_text(
+        "queue_type: SLURM\nqueue_primary: debug\n"
+        "queues:\n  debug: {cores_max: 8, cores_min: 1, run_time_max: 3600, script: slurm.sh}\n")
+    (config / "slurm.sh").write_text("#!/bin/bash\n#SBATCH --chdir={{working_directory}}\n{{command}}\n")
+    here = tmp_path / "my project"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    with SlurmClusterExecutor(cache_directory="cache", pysqa_config_directory=str(config)) as exe:
+        with pytest.raises(SubmissionError, match=r"working_directory=.*unquoted"):
+            exe.submit(add, 1, 2).result(timeout=60)
+        with pytest.raises(SubmissionError, match=r"partition=.*line break"):
+            bad = {"partition": "debug\ntouch INJECTED", "cwd": str(tmp_path)}
+            exe.submit(add, 1, 2, resource_dict=bad).result(timeout=60)

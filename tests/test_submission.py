@@ -330,3 +330,31 @@ def test_pysqa_configuration_submits_to_slurm(slurm, in_tmp):
     with SlurmClusterExecutor(cache_directory="cache", pysqa_config_directory=str(config)) as exe:
         first = exe.submit(add, 1, 2)
         assert exe.submit(add, first, 3).result(timeout=200) == 6
+
+
+def _python(code: str) -> str:
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(240)
+def test_terminate_tasks_in_cache_from_another_process(slurm, in_tmp):
+    exe = SlurmClusterExecutor(cache_directory="cache")
+    first = exe.submit(sleep_then, 120, 1, resource_dict={"cache_key": "first"})
+    second = exe.submit(sleep_then, 120, 2, resource_dict={"cache_key": "second"})
+    deadline = time.monotonic() + 120
+    while len(job_ids("cache")) < 2 and time.monotonic() < deadline:  # both submitted
+        time.sleep(0.05)
+    first_id = Path("cache/jobs/first.job").read_text()
+    one = _python("from executorlib import terminate_task_in_cache as t; print(t('cache', 'first'))")
+    assert one == first_id
+    with pytest.raises(WorkerDiedError, match=rf"job {first_id} .*CANCELLED"):
+        first.result(timeout=120)
+    rest = _python("from executorlib import terminate_tasks_in_cache as t; print(*t('cache'))")
+    assert rest == Path("cache/jobs/second.job").read_text()
+    with pytest.raises(WorkerDiedError, match="CANCELLED"):
+        second.result(timeout=120)
+    exe.shutdown()
+    assert _python("from executorlib import terminate_tasks_in_cache as t; print(t('cache'))") == "[]"
