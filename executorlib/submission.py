@@ -39,7 +39,10 @@ class _ClusterExecutor(BaseExecutor):
         submit through a pysqa configuration instead. pmi_mode (alias
         flux_executor_pmi_mode): ``srun --mpi=`` of calls with ``cores > 1`` (default
         pmix). block_allocation: only False for now (pilot pools are not there yet).
-        refresh_rate: accepted for compatibility; job states are polled with back-off.
+        wait: whether leaving a ``with`` block waits for the jobs (default True); with
+        ``wait=False`` it neither waits nor cancels: queued jobs keep running and a later
+        run of the script re-attaches to them. refresh_rate: accepted for
+        compatibility; job states are polled with back-off.
     """
 
     def __init__(
@@ -51,6 +54,7 @@ class _ClusterExecutor(BaseExecutor):
         pmi_mode: str | None = None,
         flux_executor_pmi_mode: str | None = None,
         block_allocation: bool = False,
+        wait: bool = True,
         **options: Any,
     ) -> None:
         if block_allocation:
@@ -67,8 +71,12 @@ class _ClusterExecutor(BaseExecutor):
         )
         pmi = pmi_option(pmi_mode, flux_executor_pmi_mode) or "pmix"
         queue = PysqaQueue(pysqa_config_directory) if pysqa_config_directory else self._queue(pmi)
-        self._queue_name = queue.name
+        self._queue_name, self._wait_on_exit = queue.name, wait
         self._setup(options, lambda: Submitter(queue, options.cache_directory, max_workers))
+
+    def __exit__(self, *exc_info: object) -> bool:
+        self.shutdown(wait=self._wait_on_exit)
+        return False
 
     def _queue(self, pmi_mode: str) -> Queue:
         raise NotImplementedError

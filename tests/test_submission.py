@@ -358,3 +358,15 @@ def test_terminate_tasks_in_cache_from_another_process(slurm, in_tmp):
         second.result(timeout=120)
     exe.shutdown()
     assert _python("from executorlib import terminate_tasks_in_cache as t; print(t('cache'))") == "[]"
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(240)
+def test_wait_false_leaves_the_with_block_at_once_and_jobs_run_on(slurm, in_tmp):
+    with SlurmClusterExecutor(cache_directory="cache", wait=False) as exe:
+        future = exe.submit(sleep_then, 20, "done")
+    assert not future.done()  # leaving did not wait for a 20 s job...
+    assert future.result(timeout=200) == "done"  # ...nor cancel it
+    with SlurmClusterExecutor(cache_directory="cache") as exe:  # a later run finds the result
+        assert exe.submit(sleep_then, 20, "done").result(timeout=10) == "done"
+    assert len(job_ids("cache")) == 1
