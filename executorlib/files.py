@@ -21,6 +21,7 @@ Only the standard library is used: submission jobs import this on their start-up
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import hmac
@@ -108,7 +109,7 @@ def open_trusted(path: str) -> tuple[int, bool]:
         try:
             descriptor = os.open(name, _READ, dir_fd=parent)
         except OSError as error:
-            if error.errno == 40:  # ELOOP: a symbolic link
+            if error.errno == errno.ELOOP:  # O_NOFOLLOW met a symbolic link
                 raise UntrustedFileError(f"refusing {path}: it is a symbolic link") from error
             raise
     finally:
@@ -140,7 +141,7 @@ def read_small_text(path: str) -> str:
     try:
         descriptor = os.open(path, _READ)
     except OSError as error:
-        if error.errno == 40:
+        if error.errno == errno.ELOOP:
             raise ValueError(f"{path} is a symbolic link") from error
         raise
     with os.fdopen(descriptor, "rb") as stream:
