@@ -64,9 +64,9 @@ def list_calls(directory: str) -> list[CallInfo]:
         job_id, problem = jobs[key]
         outcome = TaskFiles(directory, key).result
         if key in pending and not os.path.exists(outcome):
-            calls.append(_unfinished(key, paths, job_id, states, problem))
+            calls.append(_unfinished(TaskFiles(directory, key), paths, job_id, states, problem))
         else:  # it has an outcome file (perhaps written since we looked)
-            calls.append(_finished(key, sorted({*paths, outcome}), job_id))
+            calls.append(_finished(TaskFiles(directory, key), sorted({*paths, outcome}), job_id))
     return calls
 
 
@@ -83,8 +83,8 @@ def _job_id(files: TaskFiles, paths: set[str]) -> tuple[str | None, str]:
     return text, ""
 
 
-def _finished(key: str, paths: list[str], job_id: str | None) -> CallInfo:
-    path = next(p for p in paths if p.endswith(f"{os.sep}{key}.h5"))
+def _finished(files: TaskFiles, paths: list[str], job_id: str | None) -> CallInfo:
+    key, path = files.key, files.result
     try:
         found = read_file(path, ("error", "traceback"))
     except Exception as error:
@@ -103,14 +103,15 @@ def _error_summary(found: dict) -> str:
 
 
 def _unfinished(
-    key: str, paths: set[str], job_id: str | None, states: dict[str, JobState | None], problem: str
+    files: TaskFiles, paths: set[str], job_id: str | None, states: dict[str, JobState | None], problem: str
 ) -> CallInfo:
-    name = _task_name(paths) or key
+    key = files.key
+    name = _task_name(files, paths) or key
     if job_id is None:
         why = problem or "no job id was recorded: the submission did not complete"
         return CallInfo(key, name, "lost", None, None, why, tuple(sorted(paths)))
-    state = _local_state(job_id, paths) if job_id.startswith("local-") else states.get(job_id)
-    output = next((p for p in paths if p.endswith(".out")), None)
+    state = _local_state(job_id, files, paths) if job_id.startswith("local-") else states.get(job_id)
+    output = files.output if files.output in paths else None
     if state is None:
         text, where = "lost", f"job {job_id} is unknown to the queue and wrote no result"
     elif state.never_starts:
@@ -126,10 +127,9 @@ def _unfinished(
     return CallInfo(key, name, text, job_id, None, where, tuple(sorted(paths)))
 
 
-def _task_name(paths: set[str]) -> str | None:
-    task_file = next((p for p in paths if p.endswith(".task.h5")), None)
+def _task_name(files: TaskFiles, paths: set[str]) -> str | None:
     try:
-        return read_file(task_file, ())["name"] if task_file else None
+        return read_file(files.task, ())["name"] if files.task in paths else None
     except Exception:
         return None
 
@@ -245,13 +245,12 @@ class _LocalJobs:
         )
 
 
-def _local_state(job_id: str, paths: set[str]) -> JobState | None:
+def _local_state(job_id: str, files: TaskFiles, paths: set[str]) -> JobState | None:
     """Running while a process runs its job script; it ran (and wrote no result) if it
     has output; held for its inputs while the process that submitted it lives."""
-    script = next((p for p in paths if p.endswith(".sh")), None)
-    if script is not None and _runs(script):
+    if files.script in paths and _runs(files.script):
         return JobState("RUNNING")
-    if any(p.endswith(".out") for p in paths):
+    if files.output in paths:
         return JobState("FAILED")
     return JobState("PENDING", f"held by process {_owner(job_id)}") if pid_alive(_owner(job_id)) else None
 

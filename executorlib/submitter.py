@@ -40,7 +40,7 @@ from executorlib.hashing import task_key
 from executorlib.jobfiles import death_error, read_job_id, write_job_id, write_task_file
 from executorlib.queue import JobSpec, JobState, SubmissionError
 from executorlib.task import Task
-from executorlib.taskfiles import TaskFiles
+from executorlib.taskfiles import TaskFiles, jobs_directory
 
 _POLL_MIN_S, _POLL_MAX_S = 0.05, 2.0
 _LIVE: weakref.WeakSet[Submitter] = weakref.WeakSet()
@@ -76,7 +76,7 @@ class Submitter:
     def __init__(self, queue: Queue, cache_directory: str, max_jobs: int | None) -> None:
         self._queue = queue
         self._directory = private_directory(cache_directory)
-        private_directory(os.path.join(self._directory, "jobs"))
+        private_directory(jobs_directory(self._directory))
         self._cwd = os.getcwd()
         self._max_jobs = max_jobs
         self._records: dict[Future, _Record] = {}  # pending calls only

@@ -34,7 +34,7 @@ class TaskFiles:
     @property
     def jobs(self) -> str:
         """The folder of the job files (submission mode)."""
-        return os.path.join(self.directory, "jobs")
+        return jobs_directory(self.directory)
 
     @property
     def task(self) -> str:
@@ -60,11 +60,16 @@ class TaskFiles:
         return os.path.join(self.jobs, f"{self.key}{suffix}")
 
 
+def jobs_directory(directory: str) -> str:
+    """The folder of the job files of the cache directory ``directory``."""
+    return os.path.join(directory, "jobs")
+
+
 def files_by_key(directory: str) -> dict[str, set[str]]:
     """Every file of ``directory``'s calls that exists, grouped by the call's key (keys
     with sub-directories included)."""
     found: dict[str, set[str]] = {}
-    jobs = os.path.join(directory, "jobs")
+    jobs = jobs_directory(directory)
     for path in glob.glob(os.path.join(glob.escape(directory), "**", "*.h5"), recursive=True):
         if not path.startswith(jobs + os.sep):
             found.setdefault(os.path.relpath(path, directory)[: -len(".h5")], set()).add(path)
