@@ -80,8 +80,9 @@ def directory_is_shared(status: os.stat_result, path: str) -> bool:
 
 
 def _foreign(status: os.stat_result) -> str | None:
-    """Why another user could change this file or directory; None when nobody can."""
-    if status.st_uid != os.geteuid():
+    """Why another user could change this file or directory; None when nobody can
+    (root can change anything anyway, so what root owns counts as ours, as for ssh)."""
+    if status.st_uid not in (os.geteuid(), 0):
         return f"is owned by {_user(status.st_uid)}, not by you ({_user(os.geteuid())})"
     if status.st_mode & 0o022:
         return f"has mode {stat.filemode(status.st_mode)} (writable by group or others)"
