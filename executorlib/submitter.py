@@ -34,7 +34,7 @@ from typing import Any, Protocol
 
 from executorlib.cache import Upstream
 from executorlib.dependencies import settle, substitute, when_resolved
-from executorlib.files import private_directory
+from executorlib.files import KEY_FILE_VARIABLE, check_directory, private_directory
 from executorlib.h5file import read_outcome
 from executorlib.hashing import task_key
 from executorlib.jobfiles import death_error, read_job_id, write_job_id, write_task_file
@@ -76,6 +76,12 @@ class Submitter:
     def __init__(self, queue: Queue, cache_directory: str, max_jobs: int | None) -> None:
         self._queue = queue
         self._directory = private_directory(cache_directory)
+        if check_directory(self._directory):
+            raise ValueError(
+                f"{self._directory} is a shared cache ({KEY_FILE_VARIABLE}); submission mode keeps "
+                "each call's job files private to you, so give it a cache_directory of your own "
+                "(a shared cache serves the executors that run calls inside an allocation)"
+            )
         private_directory(jobs_directory(self._directory))
         self._cwd = os.getcwd()
         self._max_jobs = max_jobs

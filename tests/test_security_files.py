@@ -139,6 +139,8 @@ def test_a_shared_cache_serves_only_entries_authenticated_with_the_key(
         assert exe.submit(count_and_add, str(runs), 1, 2).result(timeout=60) == 3
     assert not marker.exists()
     assert runs.read_text().split() == ["ran", "ran"]
+    with pytest.raises(ValueError, match="submission mode keeps each call's job files private"):
+        LocalClusterExecutor(cache_directory=str(cache))
 
 
 def test_a_key_file_others_can_read_is_refused(tmp_path, monkeypatch):
