@@ -225,6 +225,8 @@ def test_worker_talks_to_no_impostor_executor(impostor, tmp_path):
     _, stderr = worker.communicate(timeout=60)
     context.destroy(0)
     assert worker.returncode != 0 and "executorlib worker 0" in stderr
+    if impostor != "NULL":
+        assert "the CurveZMQ handshake with" in stderr and "is not the executor" in stderr
     assert not marker.exists()
 
 
