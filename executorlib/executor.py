@@ -85,7 +85,8 @@ class Executor(_StdExecutor):
     def __new__(cls, *args: Any, backend: str | None = None, **options: Any) -> Executor:
         if cls is Executor:
             cls = backend_class(backend or "local")
-        elif backend is not None and backend != cls.backend:
+            return cls.__new__(cls, *args, **options)  # a backend may choose a subclass
+        if backend is not None and backend != cls.backend:
             raise ValueError(
                 f"{cls.__name__} is the {cls.backend!r} backend; got backend={backend!r}. "
                 f"Use Executor(backend={backend!r}) instead."

@@ -418,6 +418,14 @@ class SlurmClusterExecutor(_ClusterExecutor):
     __doc__ = "Each call is one Slurm job (``sbatch``).\n\n    " + (_ClusterExecutor.__doc__ or "")
     backend = "slurm_submission"
 
+    def __new__(cls, *args: Any, block_allocation: bool = False, **options: Any) -> SlurmClusterExecutor:
+        """``block_allocation=True``: a pool of long-lived worker jobs (executorlib.pilot)."""
+        if block_allocation and cls is SlurmClusterExecutor:
+            from executorlib.pilot.executor import SlurmPilotExecutor
+
+            cls = SlurmPilotExecutor
+        return super().__new__(cls, *args, **options)
+
     def _queue(self, pmi_mode: str) -> Queue:
         return SlurmQueue(pmi_mode)
 

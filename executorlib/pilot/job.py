@@ -1,0 +1,220 @@
+"""Worker jobs: the ``sbatch`` command, the job script, and the handle the manager polls.
+
+``PilotSpawner.start(launch)`` submits one Slurm job whose script runs one worker
+(``python -c ... interactive_serial ADDRESS ID``, or ``srun --mpi=PMI`` of
+``interactive_parallel`` for ``cores > 1``) and returns a :class:`PilotJob`: to the
+manager thread it looks like any worker process — one pollable file descriptor (an
+eventfd the shared squeue watcher writes when the job's state changes), how it ended,
+``stop()``. The script goes to ``sbatch`` on stdin, so no job script file exists; the
+executor's secret reaches the job through the environment ``sbatch`` exports
+(``--export=ALL``), never through argv or the script. Job output goes to a private
+directory (0700) for the tail quoted in error messages.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from executorlib.interactive.spawner import Launch, worker_argv, worker_environment
+from executorlib.pilot.watcher import JobStatus, JobWatcher
+from executorlib.processes import child_environment, python_argv, tail_lines
+from executorlib.queue import SubmissionError, run_command
+from executorlib.resources import Resources
+
+JOB_NAME = "executorlib-pilot"
+
+
+@dataclass(frozen=True)
+class PilotSettings:
+    """What every worker job of one pool asks Slurm for, beside the workers' resources."""
+
+    output_directory: str
+    time_limit_s: int | None = None  # sbatch --time (rounded up to minutes); None: partition default
+    pmi_mode: str | None = "pmix"  # srun --mpi= for MPI workers (cores > 1)
+
+
+def sbatch_argv(resources: Resources, settings: PilotSettings, worker_id: int) -> list[str]:
+    """The ``sbatch`` command line of one worker job (the script comes on stdin)."""
+    output = output_pattern(settings, worker_id)
+    argv = ["sbatch", "--parsable", f"--job-name={JOB_NAME}", f"--output={output}",
+            f"--ntasks={resources.cores}", f"--cpus-per-task={resources.threads_per_core}"]
+    if settings.time_limit_s is not None:
+        argv.append(f"--time={math.ceil(settings.time_limit_s / 60)}")
+    if resources.partition:
+        argv.append(f"--partition={resources.partition}")
+    if resources.gpus_per_core:
+        argv.append(f"--gpus-per-task={math.ceil(resources.gpus_per_core)}")
+    if resources.num_nodes is not None:
+        argv.append(f"--nodes={resources.num_nodes}")
+    if resources.exclusive:
+        argv.append("--exclusive")
+    if resources.memory_max:
+        argv.append(f"--mem={math.ceil(resources.memory_max * 1024)}M")
+    if resources.cwd:
+        argv.append(f"--chdir={resources.cwd}")
+    return [*argv, *resources.slurm_cmd_args]
+
+
+def output_pattern(settings: PilotSettings, worker_id: int) -> str:
+    """Where a worker job writes its output (``%j``: Slurm puts the job id there)."""
+    return os.path.join(settings.output_directory, f"worker-{worker_id}-%j.out")
+
+
+def job_script(launch: Launch, settings: PilotSettings) -> str:
+    """The job script: ``exec`` the worker, so the job ends when the worker does."""
+    if launch.resources.cores == 1:
+        command = worker_argv("interactive_serial", launch)
+    else:
+        mpi = [f"--mpi={settings.pmi_mode}"] if settings.pmi_mode else []
+        command = ["srun", "--kill-on-bad-exit=1", *mpi, *worker_argv("interactive_parallel", launch)]
+    return f"#!/bin/bash\nexec {shlex.join(command)}\n"
+
+
+def job_environment(launch: Launch) -> dict[str, str]:
+    """The worker's environment, minus the Slurm variables of the job we may run in
+    (slurmd sets the worker job's own); ``SLURM_CONF`` and the user's ``env`` stay."""
+    env = worker_environment(launch)
+    keep = {"SLURM_CONF", *launch.resources.env}
+    return {k: v for k, v in env.items() if not k.startswith("SLURM_") or k in keep}
+
+
+class Guardian:
+    """The pool's dead man's switch (``executorlib.backend.pilot_guardian``): a small
+    process that cancels the jobs we still hold if this process dies without doing so."""
+
+    def __init__(self) -> None:
+        self._process = subprocess.Popen(
+            python_argv("pilot_guardian"), stdin=subprocess.PIPE, text=True,
+            env=child_environment(Resources()), start_new_session=True,
+        )
+
+    def add(self, job_id: str) -> None:
+        self._write(f"+{job_id}\n")
+
+    def remove(self, job_id: str) -> None:
+        self._write(f"-{job_id}\n")
+
+    def _write(self, line: str) -> None:
+        try:
+            self._process.stdin.write(line)
+            self._process.stdin.flush()
+        except (BrokenPipeError, ValueError):  # closed: the pool is shutting down
+            pass
+
+    def close(self) -> None:
+        """Let it go: it cancels what is still listed, then exits."""
+        if self._process.stdin and not self._process.stdin.closed:
+            self._process.stdin.close()
+        self._process.wait(timeout=180)
+
+
+class PilotJob:
+    """One worker job, as the manager sees it (the ``WorkerProcess`` interface)."""
+
+    def __init__(self, job_id: str, output_file: str, watcher: JobWatcher, guardian: Guardian,
+                 time_limit_s: int | None) -> None:
+        self.job_id, self.output_file = job_id, output_file
+        self._watcher, self._guardian = watcher, guardian
+        self._fd = watcher.track(job_id)
+        self.submitted = time.time()
+        self._limit = time_limit_s
+        self.status = JobStatus()
+        self.idle_since = time.monotonic()
+        self.calls_done = 0
+        self.cancel_reason: str | None = None  # why we cancelled it, if we did
+
+    # -------------------------------------------------- WorkerProcess interface
+    def fds(self) -> list[int]:
+        return [self._fd]
+
+    def on_readable(self, fd: int) -> bool:
+        """Take the watcher's news; True once the job has ended."""
+        os.eventfd_read(self._fd)
+        self.status = self._watcher.status(self.job_id)
+        if self.status.final:
+            self._watcher.forget(self.job_id)
+            self._guardian.remove(self.job_id)
+        return self.status.final
+
+    def how_it_ended(self) -> str:
+        """Job id, node, Slurm's state and reason, and the tail of the job's output."""
+        status = self.status
+        where = f" on {status.node}" if status.node else ""
+        reason = f" ({status.reason})" if status.reason else ""
+        text = f"Slurm job {self.job_id}{where} ended {status.state}{reason}"
+        if self.cancel_reason:
+            text += f"; executorlib cancelled it: {self.cancel_reason}"
+        lines = tail_lines(self.output_file.replace("%j", self.job_id))
+        return text + ("; last lines of its output:\n    " + "\n    ".join(lines) if lines else "")
+
+    def stop(self, reason: str | None = None) -> None:
+        """``scancel`` the job (the watcher then reports its end)."""
+        if self.cancel_reason is None:
+            self.cancel_reason = reason or "the executor stopped it"
+        try:
+            run_command(["scancel", self.job_id], f"cancelling worker job {self.job_id}")
+        except SubmissionError as error:  # it ended meanwhile, or Slurm is unreachable
+            print(f"executorlib: {error}", file=sys.stderr)
+        self._watcher.kick()
+
+    # ------------------------------------------------------------- for the pool
+    @property
+    def pending(self) -> bool:
+        return self.status.state in ("PENDING", "CONFIGURING") and not self.status.final
+
+    def end_time(self) -> float:
+        """When Slurm will end the job (a lower bound until squeue has told us)."""
+        if self.status.end_time is not None and self.status.state == "RUNNING":
+            return self.status.end_time
+        if self._limit is None:
+            return math.inf
+        start = max(self.submitted, time.time()) if self.pending else self.submitted
+        return start + self._limit
+
+    def time_left(self) -> float:
+        return self.end_time() - time.time()
+
+    def kick(self) -> None:
+        self._watcher.kick()
+
+
+class PilotSpawner:
+    """Workers as Slurm jobs that connect back to this host (``Spawner`` protocol)."""
+
+    name = "Slurm pilot job"
+
+    def __init__(self, settings: PilotSettings, bind_host: str | None = None) -> None:
+        self.settings = settings
+        self.bind_host = bind_host or socket.gethostname()
+        self._watcher = JobWatcher.shared()
+        self._guardian = Guardian()
+
+    def start(self, launch: Launch) -> PilotJob:
+        """Submit the worker job of ``launch``; a SubmissionError with sbatch's words."""
+        argv = sbatch_argv(launch.resources, self.settings, launch.worker_id)
+        try:
+            done = subprocess.run(
+                argv, input=job_script(launch, self.settings), capture_output=True, text=True,
+                env=job_environment(launch), timeout=120,
+            )
+        except (OSError, subprocess.TimeoutExpired) as error:
+            raise SubmissionError(f"submitting a worker job: sbatch could not run: {error}") from error
+        if done.returncode != 0:
+            raise SubmissionError(
+                f"sbatch refused the worker job ({shlex.join(argv[3:])}): {done.stderr.strip()}; "
+                "check the pool's resource_dict (partition, cores, slurm_cmd_args)"
+            )
+        job_id = done.stdout.strip().splitlines()[-1].split(";")[0]
+        self._guardian.add(job_id)
+        output = output_pattern(self.settings, launch.worker_id)
+        return PilotJob(job_id, output, self._watcher, self._guardian, self.settings.time_limit_s)
+
+    def close(self) -> None:
+        self._guardian.close()
