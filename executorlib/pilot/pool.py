@@ -268,7 +268,8 @@ class PilotScheduler(Scheduler):
         workers = list(self._workers.values())
         active = [w for w in workers if not w.stopping]
         starting = sum(1 for w in active if not w.ready)
-        wanted = self._policy.min_workers - len(active)
+        # While stopping, only calls put back after a lost worker may need a new one.
+        wanted = -1 if self._stopping else self._policy.min_workers - len(active)
         if self._blocked is not None and (now >= self._blocked[0]):
             self._blocked = None
         if self._blocked is None:
