@@ -71,6 +71,12 @@ def started(directory, name):
     return sorted(entry[len(prefix):] for entry in os.listdir(directory) if entry.startswith(prefix))
 
 
+def attempts_of(directory, name, count):
+    """The job ids of ``count`` started attempts, or None while there are fewer."""
+    jobs = started(directory, name)
+    return jobs if len(jobs) == count else None
+
+
 def pilot_jobs(states="PENDING,RUNNING,COMPLETING,CONFIGURING,SUSPENDED"):
     out = subprocess.run(
         ["squeue", "--noheader", f"--name={JOB_NAME}", f"--states={states}", "--format=%i|%T|%r"],
@@ -171,8 +177,7 @@ def test_a_cancelled_worker_job_fails_over_its_call_up_to_max_retries(tmp_path):
         survivor.add_done_callback(done.append)
         first = wait_until(lambda: started(tmp_path, "survivor"), 120, "the first attempt")[0]
         subprocess.run(["scancel", first], check=True)
-        attempts = wait_until(lambda: len(started(tmp_path, "survivor")) == 2 and started(tmp_path, "survivor"),
-                              120, "the second attempt")
+        attempts = wait_until(lambda: attempts_of(tmp_path, "survivor", 2), 120, "the second attempt")
         second = next(job for job in attempts if job != first)
         (tmp_path / "release").touch()
         assert survivor.result(timeout=120) == second
@@ -183,8 +188,7 @@ def test_a_cancelled_worker_job_fails_over_its_call_up_to_max_retries(tmp_path):
         victim = exe.submit(hold, str(tmp_path), "victim")
         seen: list[str] = []
         for attempt in (1, 2):
-            jobs = wait_until(lambda n=attempt: len(started(tmp_path, "victim")) == n and started(tmp_path, "victim"),
-                              120, f"attempt {attempt}")
+            jobs = wait_until(lambda n=attempt: attempts_of(tmp_path, "victim", n), 120, f"attempt {attempt}")
             last = next(job for job in jobs if job not in seen)
             seen = jobs
             subprocess.run(["scancel", last], check=True)
@@ -255,7 +259,7 @@ time.sleep(600)  # killed here
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("kill_guardian", [False, True], ids=["executor-killed", "executor-and-guardian-killed"])
+@pytest.mark.parametrize("kill_guardian", [False, True], ids=["executor", "executor-and-guardian"])
 def test_killed_executor_leaves_no_pilot_job_behind(tmp_path, kill_guardian):
     import json
 
@@ -271,7 +275,8 @@ def test_killed_executor_leaves_no_pilot_job_behind(tmp_path, kill_guardian):
         assert jobs and jobs <= set(pilot_jobs())
         victims = [process.pid]
         if kill_guardian:
-            victims += [c.pid for c in psutil.Process(process.pid).children() if "pilot_guardian" in " ".join(c.cmdline())]
+            children = psutil.Process(process.pid).children()
+            victims += [c.pid for c in children if "pilot_guardian" in " ".join(c.cmdline())]
             assert len(victims) == 2
         for pid in victims:
             os.kill(pid, signal.SIGKILL)
