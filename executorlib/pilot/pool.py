@@ -346,7 +346,7 @@ class PilotScheduler(Scheduler):
             return False
         self._attempts[task] = attempts
         task.future.add_done_callback(lambda _: self._attempts.pop(task, None))
-        _log.warning("executorlib: %s ended while running %s; running it again (retry %d of %d)",
+        _log.warning("executorlib: %s, while running %s; running it again (retry %d of %d)",
                      worker.process.how_it_ended().split("; last lines")[0], task.name,
                      attempts, self._policy.max_retries)
         self._pending.appendleft(task)
