@@ -390,7 +390,8 @@ class _ClusterExecutor(BaseExecutor):
         of every call (``submission_template`` is a Jinja2 job script). pysqa_config_directory:
         submit through a pysqa configuration instead. pmi_mode (alias
         flux_executor_pmi_mode): ``srun --mpi=`` of calls with ``cores > 1`` (default
-        pmix). block_allocation: only False for now (pilot pools are not there yet).
+        pmix). block_allocation: True makes a pool of long-lived worker jobs instead
+        (``SlurmClusterExecutor`` only; see executorlib.pilot.executor.SlurmPilotExecutor).
         refresh_rate: accepted for compatibility; job states are polled with back-off.
     """
 

@@ -12,14 +12,19 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
 from typing import Any
 
-from executorlib.executor import Options
+from executorlib.options import parse_options, pmi_option
 from executorlib.pilot.job import PilotSettings, PilotSpawner
 from executorlib.pilot.pool import PilotScheduler, PoolPolicy
 from executorlib.resources import Resources
 from executorlib.submission import SlurmClusterExecutor
+
+_PILOT_OPTIONS = (
+    "max_workers", "cache_directory", "resource_dict", "block_allocation", "init_function",
+    "disable_dependencies", "plot_dependency_graph", "plot_dependency_graph_filename",
+    "export_workflow_filename", "log_obj_size",
+)
 
 
 class SlurmPilotExecutor(SlurmClusterExecutor):
@@ -44,7 +49,9 @@ class SlurmPilotExecutor(SlurmClusterExecutor):
         ``gpus_per_core``, ``partition``, ``memory_max``, ``num_nodes``, ``exclusive``,
         ``cwd``, ``env``, ``slurm_cmd_args``). cache_directory: results are cached
         there when given; job output goes to ``<it or ./executorlib_cache>/pilot/``.
-    pmi_mode: ``srun --mpi=`` for MPI workers (``cores > 1``).
+    pmi_mode (alias flux_executor_pmi_mode): ``srun --mpi=`` for MPI workers (``cores > 1``,
+        default pmix). disable_dependencies, plot_dependency_graph(_filename),
+        export_workflow_filename, log_obj_size: as for the other executors.
     """
 
     def __init__(
@@ -56,33 +63,39 @@ class SlurmPilotExecutor(SlurmClusterExecutor):
         pending_timeout: float | None = None,
         worker_time_limit: int | None = None,
         max_retries: int = 0,
-        init_function: Callable[[], dict] | None = None,
-        resource_dict: dict | None = None,
-        cache_directory: str | None = None,
-        disable_dependencies: bool = False,
-        pmi_mode: str = "pmix",
+        pmi_mode: str | None = None,
+        flux_executor_pmi_mode: str | None = None,
         block_allocation: bool = True,
-        refresh_rate: float | None = None,
-        backend: str | None = None,
+        **options: Any,
     ) -> None:
-        options = Options(
-            max_workers=max_workers, cache_directory=cache_directory,
-            resources=Resources.from_dict(resource_dict), block_allocation=True,
-            init_function=init_function, disable_dependencies=disable_dependencies,
+        options = parse_options(
+            type(self).__name__, {**options, "max_workers": max_workers, "block_allocation": True},
+            accepted=_PILOT_OPTIONS,
         )
         policy = PoolPolicy(min_workers, max_workers, idle_timeout, pending_timeout, max_retries)
         _check_policy(policy, worker_time_limit)
-        self._policy, self._time_limit = policy, worker_time_limit
-        self._output = _private_directory(cache_directory or "executorlib_cache")
-        spawner = PilotSpawner(PilotSettings(self._output, worker_time_limit, pmi_mode))
-        self._setup(options, lambda: PilotScheduler(
-            spawner, options.resources, policy, init_function, _cache(cache_directory)
-        ))
+        self._policy, self._time_limit, self._output = policy, worker_time_limit, None
+        pmi = pmi_option(pmi_mode, flux_executor_pmi_mode) or "pmix"
+
+        def scheduler() -> PilotScheduler:
+            self._output = _private_directory(options.cache_directory or "executorlib_cache")
+            spawner = PilotSpawner(PilotSettings(self._output, worker_time_limit, pmi))
+            return PilotScheduler(
+                spawner, options.resources, policy, options.init_function, _cache(options.cache_directory)
+            )
+
+        self._setup(options, scheduler)
+
+    def _backend_info(self) -> dict[str, Any]:
+        policy = self._policy
+        return {"queue": "Slurm (pilot pool)", "min_workers": policy.min_workers,
+                "idle_timeout": policy.idle_timeout, "pending_timeout": policy.pending_timeout,
+                "worker_time_limit": self._time_limit, "max_retries": policy.max_retries}
 
     @property
     def max_workers(self) -> int:
         """The most worker jobs at once; set it to resize the pool while it runs."""
-        return self._scheduler._max_workers
+        return self._scheduler._max_workers if self._scheduler else self._options.max_workers
 
     @max_workers.setter
     def max_workers(self, value: int) -> None:
@@ -118,7 +131,7 @@ class SlurmPilotExecutor(SlurmClusterExecutor):
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         super().shutdown(wait, cancel_futures=cancel_futures)
-        if wait:
+        if wait and self._output is not None:
             shutil.rmtree(self._output, ignore_errors=True)
 
 
