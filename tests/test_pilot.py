@@ -134,6 +134,26 @@ def test_grows_to_max_workers_under_a_burst_and_shrinks_to_min_after_idle(tmp_pa
 
 
 @pytest.mark.timeout(240)
+def test_max_workers_resizes_the_pool_while_it_runs(tmp_path):
+    with SlurmClusterExecutor(
+        block_allocation=True, max_workers=1, idle_timeout=None, resource_dict={"partition": "multi"},
+        cache_directory=str(tmp_path / "cache"),
+    ) as exe:
+        calls = [exe.submit(hold, str(tmp_path), f"call{i}") for i in range(3)]
+        wait_until(lambda: started(tmp_path, "call0"), 120, "the first call")
+        assert len(exe.worker_jobs()) == 1
+        exe.max_workers = 3  # call1 waits on worker 0 (sent ahead); call2 needs a new job
+        wait_until(lambda: started(tmp_path, "call2"), 120, "a call on a second worker job")
+        assert len(exe.worker_jobs()) == 2 and exe.max_workers == 3  # only what waiting calls need
+        (tmp_path / "release").touch()
+        assert len({f.result(timeout=120) for f in calls}) == 2
+        exe.max_workers = 1  # idle_timeout=None: only the resize ends the surplus worker
+        wait_until(lambda: len(exe.worker_jobs()) == 1 and len(pilot_jobs()) == 1, 120, "shrinking to 1")
+        with pytest.raises(ValueError, match="max_workers must be an int >= max"):
+            exe.max_workers = 0
+
+
+@pytest.mark.timeout(240)
 def test_a_job_pending_too_long_is_cancelled_while_the_others_serve(tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="executorlib")
     # 4 CPUs per worker job: the two nodes of "multi" hold two; the third waits (Resources)
