@@ -153,6 +153,28 @@ def test_max_workers_resizes_the_pool_while_it_runs(tmp_path):
             exe.max_workers = 0
 
 
+def cli(*args):
+    argv = [sys.executable, "-c", "from executorlib.cli import main; raise SystemExit(main())", *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True).stdout
+
+
+@pytest.mark.timeout(240)
+def test_executorlib_status_lists_and_cancel_ends_a_running_pools_jobs(tmp_path):
+    cache = str(tmp_path / "cache")
+    with SlurmClusterExecutor(
+        block_allocation=True, max_workers=1, idle_timeout=None, resource_dict={"partition": "multi"},
+        cache_directory=cache,
+    ) as exe:
+        _, job_id, node = exe.submit(job_of, 1).result(timeout=120)
+        listed = wait_until(lambda: (out := cli("status", cache)) and "calls done" in out.lower()
+                            and f"{job_id} " in out and out, 60, "status to list the job")
+        assert node in listed and "RUNNING" in listed
+        assert cli("cancel", cache).strip() == f"cancelled pilot worker jobs {job_id}"
+        wait_until(lambda: not exe.worker_jobs(), 60, "the pool to see its job end")
+        _, again, _ = exe.submit(job_of, 2).result(timeout=120)  # a waiting call starts a new job
+        assert again != job_id
+
+
 @pytest.mark.timeout(240)
 def test_a_job_pending_too_long_is_cancelled_while_the_others_serve(tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="executorlib")

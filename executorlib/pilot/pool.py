@@ -45,6 +45,7 @@ from executorlib.interactive import protocol
 from executorlib.interactive.scheduler import ResultCache, Scheduler, Worker
 from executorlib.pilot.alarm import Alarm
 from executorlib.pilot.job import PilotJob, PilotSpawner
+from executorlib.pilot.status import write_status
 from executorlib.resources import Resources
 from executorlib.task import Task
 
@@ -52,6 +53,7 @@ _log = logging.getLogger("executorlib")
 _START_FAILURES_BEFORE_BROKEN = 3  # jobs in a row that ended before their worker connected
 _CALLS_PER_WORKER = 2  # one running, one sent ahead while calls wait
 _MAX_BATCH = 8
+_STATUS_EVERY_S = 1.0  # status.json (for `executorlib status`) at most this often
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,8 @@ class PilotScheduler(Scheduler):
         self._start_failures = 0
         self._blocked: tuple[float, str] | None = None  # (until, why) after a pending timeout
         self._demand_gone = time.monotonic()  # since when no call waits
+        self._status_due: float | None = time.monotonic()  # when to write status.json next
+        self._status_written = -math.inf
         self._alarm = Alarm()
         self._poller.register(self._alarm.fd, zmq.POLLIN)
 
@@ -111,8 +115,10 @@ class PilotScheduler(Scheduler):
     def _handle(self, source: Any) -> None:
         if source == self._alarm.fd:
             self._alarm.clear()
-        else:
-            super()._handle(source)
+            return
+        if source in self._fd_owner:  # a job's state changed
+            self._changed()
+        super()._handle(source)
 
     def _schedule(self) -> None:
         if self._broken is not None:
@@ -130,7 +136,22 @@ class PilotScheduler(Scheduler):
                 self._retire(now)
                 self._make_room()
             self._grow(now)  # also while stopping: a call put back after a lost worker
+        self._write_status(now)
         self._alarm.set(None if self._stopping else self._next_deadline(now))
+
+    def _changed(self) -> None:
+        """Something `executorlib status` shows has changed: write it out soon."""
+        if self._status_due is None:
+            self._status_due = max(time.monotonic(), self._status_written + _STATUS_EVERY_S)
+
+    def _write_status(self, now: float) -> None:
+        if self._status_due is None or now < self._status_due:
+            return
+        self._status_due, self._status_written = None, now
+        try:
+            write_status(self._spawner.settings.output_directory, self._max_workers, self.jobs())
+        except OSError as error:  # the folder was removed under us: nothing to show
+            _log.debug("executorlib: cannot write the pool's status: %s", error)
 
     # ---------------------------------------------------------------- dispatch
     def _dispatch(self) -> None:
@@ -252,6 +273,7 @@ class PilotScheduler(Scheduler):
     def _stop(self, worker: Worker, why: str) -> None:
         """End a worker: STOP if connected (its job then completes), else scancel."""
         worker.stopping = True
+        self._changed()
         job: PilotJob = worker.process
         if worker.peer is None:
             job.stop(why)
@@ -275,6 +297,7 @@ class PilotScheduler(Scheduler):
         if self._blocked is None:
             wanted = max(wanted, len(self._pending) - starting)
         for _ in range(min(wanted, self._max_workers - len(workers))):
+            self._changed()
             if self._spawn(self._resources) is None:
                 return
 
@@ -295,6 +318,8 @@ class PilotScheduler(Scheduler):
                     deadlines.append(self._demand_gone + policy.idle_timeout)
         if self._blocked is not None:
             deadlines.append(self._blocked[0])
+        if self._status_due is not None:
+            deadlines.append(self._status_due)
         # A deadline already past was acted on this round (or its condition does not hold).
         future = [d for d in deadlines if now < d < math.inf]
         return min(future) + 0.01 if future else None
@@ -311,12 +336,14 @@ class PilotScheduler(Scheduler):
             self._socket.send(worker.peer, protocol.INIT, self._init_frames)
 
     def _on_ready(self, worker: Worker) -> None:
+        self._changed()
         worker.ready = True
         worker.process.idle_since = time.monotonic()
 
     def _on_task_done(self, worker: Worker) -> None:
         job: PilotJob = worker.process
         job.calls_done += 1
+        self._changed()
         if not worker.tasks:
             job.idle_since = time.monotonic()
 
@@ -353,6 +380,7 @@ class PilotScheduler(Scheduler):
         return True
 
     def _on_worker_gone(self, worker: Worker) -> None:
+        self._changed()
         self._blocked = None  # one of our jobs ended: the queue has room again
         if self._stopping or self._broken is not None:
             return
