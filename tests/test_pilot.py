@@ -283,6 +283,40 @@ def test_a_call_with_run_time_max_only_goes_to_a_worker_with_that_much_time_left
         assert fresh != short
 
 
+def calc_mpi(i):
+    from mpi4py import MPI
+
+    return i, MPI.COMM_WORLD.Get_size(), MPI.COMM_WORLD.Get_rank(), MPI.Get_processor_name()
+
+
+@pytest.mark.timeout(180)
+def test_an_mpi_worker_job_runs_each_call_on_all_its_ranks(tmp_path):
+    pytest.importorskip("mpi4py")
+    with SlurmClusterExecutor(
+        block_allocation=True, max_workers=1, resource_dict={"partition": "multi", "cores": 2},
+        cache_directory=str(tmp_path / "cache"),
+    ) as exe:
+        ranks = exe.submit(calc_mpi, 3).result(timeout=120)
+    assert [rank[:3] for rank in ranks] == [(3, 2, 0), (3, 2, 1)] and ranks[0][3] in ("n1", "n2")
+
+
+def test_the_worker_job_carries_no_secret_in_its_command_or_script(tmp_path):
+    from executorlib.interactive.protocol import SECRET_ENV
+    from executorlib.interactive.spawner import Launch
+    from executorlib.pilot.job import PilotSettings, job_environment, job_script, sbatch_argv
+    from executorlib.resources import Resources
+
+    secret = os.urandom(32)
+    resources = Resources.from_dict({"partition": "multi", "cores": 2, "threads_per_core": 2})
+    launch = Launch("tcp://10.77.0.1:5555", 7, resources, secret)
+    settings = PilotSettings(str(tmp_path), time_limit_s=90, pmi_mode="pmix")
+    argv, script = sbatch_argv(resources, settings, 7), job_script(launch, settings)
+    assert secret.hex() not in " ".join(argv) + script
+    assert job_environment(launch)[SECRET_ENV] == secret.hex()
+    assert {"--partition=multi", "--ntasks=2", "--cpus-per-task=2", "--time=2"} <= set(argv)
+    assert "srun --kill-on-bad-exit=1 --mpi=pmix" in script and "interactive_parallel" in script
+
+
 KILLED_SCRIPT = """
 import json, sys, time
 from executorlib import SlurmClusterExecutor
