@@ -321,13 +321,18 @@ KILLED_SCRIPT = """
 import json, sys, time
 from executorlib import SlurmClusterExecutor
 
-directory, threads = sys.argv[1], int(sys.argv[2])
-exe = SlurmClusterExecutor(block_allocation=True, max_workers=3, min_workers=3, idle_timeout=None,
-                           resource_dict={"partition": "multi", "threads_per_core": threads},
-                           cache_directory=directory + "/cache")
-exe.submit(sum, [1, 2]).result(timeout=120)
-while not any(row["ready"] for row in exe.worker_jobs()) or len(exe.worker_jobs()) < 3:
-    time.sleep(0.1)
+directory, mode = sys.argv[1], sys.argv[2]
+# "pending": a job that can never start (9 tasks > the partition's 8 CPUs); "running": two workers
+resources = {"partition": "multi", "cores": 9 if mode == "pending" else 1}
+exe = SlurmClusterExecutor(block_allocation=True, max_workers=2, min_workers=1 if mode == "pending" else 2,
+                           idle_timeout=None, resource_dict=resources, cache_directory=directory + "/cache")
+if mode == "pending":
+    while not [row for row in exe.worker_jobs() if row["reason"] == "PartitionConfig"]:
+        time.sleep(0.1)
+else:
+    exe.submit(sum, [1, 2]).result(timeout=120)
+    while sum(row["ready"] for row in exe.worker_jobs()) < 2:
+        time.sleep(0.1)
 with open(directory + "/jobs.json", "w") as file:
     json.dump(exe.worker_jobs(), file)
 time.sleep(600)  # killed here
@@ -335,16 +340,16 @@ time.sleep(600)  # killed here
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("kill_guardian", [False, True], ids=["executor", "executor-and-guardian"])
+@pytest.mark.parametrize("kill_guardian", [False, True], ids=["pending-job", "running-jobs-and-guardian"])
 def test_killed_executor_leaves_no_pilot_job_behind(tmp_path, kill_guardian):
+    """SIGKILL of the executor: its guardian cancels a job that is still pending; with the
+    guardian killed too, running workers end their jobs themselves (connection lost)."""
     import json
 
     script = tmp_path / "pool.py"
     script.write_text(textwrap.dedent(KILLED_SCRIPT))
-    # with the guardian alive, one job stays pending (4 CPUs each, two fit): it cancels it;
-    # without it, running workers must end their jobs themselves
-    threads = "1" if kill_guardian else "4"
-    process = subprocess.Popen([sys.executable, str(script), str(tmp_path), threads])
+    mode = "running" if kill_guardian else "pending"
+    process = subprocess.Popen([sys.executable, str(script), str(tmp_path), mode])
     try:
         wait_until(lambda: (tmp_path / "jobs.json").exists(), 150, "the pool to start")
         jobs = {row["job_id"] for row in json.loads((tmp_path / "jobs.json").read_text())}
