@@ -16,7 +16,8 @@ from typing import Any
 
 from executorlib.options import parse_options, pmi_option
 from executorlib.pilot.job import PilotSettings, PilotSpawner
-from executorlib.pilot.pool import PilotScheduler, PoolPolicy
+from executorlib.pilot.placement import PoolPolicy
+from executorlib.pilot.pool import PilotScheduler
 from executorlib.resources import Resources
 from executorlib.submission import SlurmClusterExecutor
 

@@ -13,6 +13,7 @@ directory (0700) for the tail quoted in error messages.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shlex
@@ -193,6 +194,7 @@ class PilotSpawner:
     def __init__(self, settings: PilotSettings, bind_host: str | None = None) -> None:
         self.settings = settings
         self.bind_host = bind_host or socket.gethostname()
+        _warn_if_loopback(self.bind_host)
         self._watcher = JobWatcher.shared()
         self._guardian = Guardian()
 
@@ -218,3 +220,17 @@ class PilotSpawner:
 
     def close(self) -> None:
         self._guardian.close()
+
+
+def _warn_if_loopback(host: str) -> None:
+    """Workers on other nodes connect to ``host``: say so early if it means loopback."""
+    try:
+        address = socket.gethostbyname(host)
+    except OSError:
+        return  # binding reports it, with a clear message (channel.py)
+    if address.startswith("127."):
+        logging.getLogger("executorlib").warning(
+            "executorlib: this host's name %r resolves to %s (loopback): worker jobs on other "
+            "nodes will not reach the executor; make the name resolve to an address the compute "
+            "nodes reach (/etc/hosts or DNS)", host, address,
+        )

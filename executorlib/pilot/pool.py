@@ -3,8 +3,8 @@
 Every round of the manager thread (after any event: a call, a message, a job's state
 change, the alarm) runs, in this order::
 
-    dispatch  pending calls -> ready workers with room (and, for a call that declares
-              run_time_max, a worker idle now whose job has that much time left + margin)
+    dispatch  pending calls -> ready workers with room (placement.py; a call that declares
+              run_time_max: a worker idle now whose job has that much time left + margin)
     retire    a ready worker whose job ends within the margin: STOP once it is idle;
               idle for idle_timeout while no call waits: STOP (never below min_workers);
               a job still PENDING after pending_timeout: scancel, with squeue's reason;
@@ -33,7 +33,6 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import zmq
@@ -45,27 +44,14 @@ from executorlib.interactive import protocol
 from executorlib.interactive.scheduler import ResultCache, Scheduler, Worker
 from executorlib.pilot.alarm import Alarm
 from executorlib.pilot.job import PilotJob, PilotSpawner
+from executorlib.pilot.placement import CALLS_PER_WORKER, PoolPolicy, batch_after, choose, claim
 from executorlib.pilot.status import write_status
 from executorlib.resources import Resources
 from executorlib.task import Task
 
 _log = logging.getLogger("executorlib")
 _START_FAILURES_BEFORE_BROKEN = 3  # jobs in a row that ended before their worker connected
-_CALLS_PER_WORKER = 2  # one running, one sent ahead while calls wait
-_MAX_BATCH = 8
 _STATUS_EVERY_S = 1.0  # status.json (for `executorlib status`) at most this often
-
-
-@dataclass(frozen=True)
-class PoolPolicy:
-    """How the pool grows and shrinks (seconds; None: no limit)."""
-
-    min_workers: int = 0
-    max_workers: int = 1
-    idle_timeout: float | None = 60.0
-    pending_timeout: float | None = None
-    max_retries: int = 0
-    end_margin: float = 30.0  # a worker whose job ends sooner takes no new call
 
 
 class PilotScheduler(Scheduler):
@@ -157,44 +143,17 @@ class PilotScheduler(Scheduler):
     def _dispatch(self) -> None:
         ready = [w for w in self._workers.values() if w.ready and not w.stopping]
         skipped: deque[Task] = deque()
-        while self._pending and any(len(w.tasks) < _CALLS_PER_WORKER for w in ready):
+        while self._pending and any(len(w.tasks) < CALLS_PER_WORKER for w in ready):
             task = self._pending.popleft()
             if task.future.done():
                 continue
-            worker = self._choose(ready, task)
+            worker = choose(ready, task, self._policy.end_margin)
             if worker is None:
                 skipped.append(task)
-            elif _claim(task):
-                self._send_calls(worker, [task, *self._batch_for(worker, task, len(ready))])
+            elif claim(task):
+                batch = batch_after(task, self._pending, len(ready), self._resources)
+                self._send_calls(worker, [task, *batch])
         self._pending.extendleft(reversed(skipped))
-
-    def _choose(self, ready: list[Worker], task: Task) -> Worker | None:
-        """The least busy worker that may take ``task``; for a call that declares
-        run_time_max, the idle one with the least time left that is still enough."""
-        needed = task.resources.run_time_max
-        margin = self._policy.end_margin
-        if needed is None:
-            fits = [w for w in ready if len(w.tasks) < _CALLS_PER_WORKER and w.process.time_left() > margin]
-            return min(fits, key=lambda w: len(w.tasks), default=None)
-        fits = [w for w in ready if not w.tasks and w.process.time_left() >= needed + margin]
-        return min(fits, key=lambda w: w.process.time_left(), default=None)
-
-    def _batch_for(self, worker: Worker, first: Task, workers: int) -> list[Task]:
-        """More calls for the same message while a long queue waits (none with a
-        run_time_max: those go alone to a worker that is idle)."""
-        if first.resources.run_time_max is not None or self._resources.cores > 1:
-            return []
-        if len(self._pending) < 2 * _MAX_BATCH * workers:
-            return []
-        batch = []
-        while self._pending and len(batch) < _MAX_BATCH - 1:
-            task = self._pending[0]
-            if task.resources.run_time_max is not None:
-                break
-            self._pending.popleft()
-            if _claim(task):
-                batch.append(task)
-        return batch
 
     # ------------------------------------------------------------------ retire
     def _retire(self, now: float) -> None:
@@ -404,11 +363,6 @@ class PilotScheduler(Scheduler):
         super()._close()
         self._alarm.close()
         self._spawner.close()
-
-
-def _claim(task: Task) -> bool:
-    """Mark ``task`` running (a retried one already is); False if it was cancelled."""
-    return task.future.running() or task.future.set_running_or_notify_cancel()
 
 
 def _snapshot(workers: dict[int, Worker]) -> list[Worker]:
