@@ -61,7 +61,7 @@ def block_rows(calls: int) -> list[tuple[str, str]]:
         pilot = throughput(exe, calls)
     return [
         (f"block throughput, 2 local workers, {calls} no-op calls", f"{local:,.0f} calls/s"),
-        (f"block throughput, 2 pilot workers on n1/n2, {calls} no-op calls", f"{pilot:,.0f} calls/s"),
+        (f"block throughput, 2 pilot workers, namespace nodes, {calls} no-op calls", f"{pilot:,.0f} calls/s"),
         ("pilot / local", f"{pilot / local:.0%}"),
     ]
 

@@ -104,7 +104,8 @@ class SlurmPilotExecutor(SlurmClusterExecutor):
             raise ValueError(
                 f"max_workers must be an int >= max(1, min_workers={self._policy.min_workers}), got {value!r}"
             )
-        self._scheduler.resize(value)
+        if self._scheduler is not None:  # None in graph mode: nothing runs
+            self._scheduler.resize(value)
 
     def worker_jobs(self) -> list[dict[str, Any]]:
         """The pool's worker jobs now: job id, node, state, calls done, idle for, time left."""

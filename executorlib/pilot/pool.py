@@ -309,8 +309,7 @@ class PilotScheduler(Scheduler):
     def _on_message(self, peer: Any, kind: bytes, frames: list) -> None:
         worker = self._workers.get(peer.worker_id)
         if kind == protocol.FAILURE and worker is not None and not worker.ready:
-            failure = serialize.loads(frames)  # init_function raised
-            self._broken = with_remote_traceback(failure.exception, failure.traceback)
+            self._broken = _init_error(worker, frames)
             self._stop(worker, "its init_function failed")
             return
         super()._on_message(peer, kind, frames)
@@ -363,6 +362,20 @@ class PilotScheduler(Scheduler):
         super()._close()
         self._alarm.close()
         self._spawner.close()
+
+
+def _init_error(worker: Worker, frames: list) -> BaseException:
+    """init_function's exception, from the worker's FAILURE (a clear error if it won't unpickle)."""
+    try:
+        failure = serialize.loads(frames)
+        return with_remote_traceback(failure.exception, failure.traceback)
+    except Exception as error:
+        reason = RuntimeError(
+            f"init_function failed on {worker.describe()} (Slurm job {worker.process.job_id}), and its "
+            f"exception could not be unpickled here ({type(error).__name__}: {error}); make it picklable"
+        )
+        reason.__cause__ = error
+        return reason
 
 
 def _snapshot(workers: dict[int, Worker]) -> list[Worker]:
