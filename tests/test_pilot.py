@@ -78,6 +78,7 @@ def attempts_of(directory, name, count):
 
 
 def pilot_jobs(states="PENDING,RUNNING,COMPLETING,CONFIGURING,SUSPENDED"):
+    """{job id: [state, reason]} of the pilot jobs in squeue (``states``: squeue --states)."""
     out = subprocess.run(
         ["squeue", "--noheader", f"--name={JOB_NAME}", f"--states={states}", "--format=%i|%T|%r"],
         capture_output=True, text=True, check=True, timeout=60,
@@ -281,6 +282,9 @@ def test_a_call_with_run_time_max_only_goes_to_a_worker_with_that_much_time_left
                    60, "the pool to learn the new end time")
         _, fresh, _ = exe.submit(job_of, 2, resource_dict={"run_time_max": 40}).result(timeout=120)
         assert fresh != short
+        # within the 30 s margin of its end the short worker takes no call and ends its job itself
+        wait_until(lambda: short not in pilot_jobs(), 90, "the short job to end")
+        assert pilot_jobs("all")[short][0] == "COMPLETED"  # ended by the pool, not by TIMEOUT
 
 
 def calc_mpi(i):
