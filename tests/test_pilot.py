@@ -304,21 +304,52 @@ def test_an_mpi_worker_job_runs_each_call_on_all_its_ranks(tmp_path):
     assert [rank[:3] for rank in ranks] == [(3, 2, 0), (3, 2, 1)] and ranks[0][3] in ("n1", "n2")
 
 
-def test_the_worker_job_carries_no_secret_in_its_command_or_script(tmp_path):
-    from executorlib.interactive.protocol import SECRET_ENV
-    from executorlib.interactive.spawner import Launch
-    from executorlib.pilot.job import PilotSettings, job_environment, job_script, sbatch_argv
+@pytest.mark.timeout(180)
+def test_the_worker_jobs_key_is_in_its_environment_only(tmp_path):
+    """The key material reaches the worker through the environment sbatch exports: not in
+    the job's script, its Slurm record, the worker's argv, or a file others can read."""
+    cache = tmp_path / "cache"
+    with SlurmClusterExecutor(
+        block_allocation=True, max_workers=1, resource_dict={"partition": "multi"},
+        cache_directory=str(cache),
+    ) as exe:
+        _, job_id, _ = exe.submit(job_of, 1).result(timeout=120)
+        worker = worker_of_job(job_id)
+        keys = [value for name, value in worker.environ().items()
+                if name.startswith("EXECUTORLIB_") and name != "EXECUTORLIB_TEST_SESSION"
+                and len(value) >= 32]
+        script = subprocess.run(["scontrol", "write", "batch_script", job_id, "-"], capture_output=True,
+                                text=True, check=True).stdout
+        record = subprocess.run(["scontrol", "show", "job", "-d", job_id], capture_output=True,
+                                text=True, check=True).stdout
+        pool_directories = list((cache / "pilot").iterdir())
+        assert keys and "executorlib.backend.interactive_serial" in script
+        for key in keys:
+            assert key not in script and key not in record and key not in " ".join(worker.cmdline())
+        assert [oct(d.stat().st_mode & 0o777) for d in pool_directories] == ["0o700"]
+
+
+def worker_of_job(job_id):
+    """The worker process (on this machine: the nodes are namespaces) of Slurm job ``job_id``."""
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if ("executorlib.backend.interactive_serial" in " ".join(process.info["cmdline"] or [])
+                    and process.environ().get("SLURM_JOB_ID") == job_id):
+                return process
+        except psutil.Error:
+            continue
+    raise AssertionError(f"no worker process of Slurm job {job_id}")
+
+
+def test_sbatch_argv_of_a_worker_job():
+    from executorlib.pilot.job import PilotSettings, sbatch_argv
     from executorlib.resources import Resources
 
-    secret = os.urandom(32)
     resources = Resources.from_dict({"partition": "multi", "cores": 2, "threads_per_core": 2})
-    launch = Launch("tcp://10.77.0.1:5555", 7, resources, secret)
-    settings = PilotSettings(str(tmp_path), time_limit_s=90, pmi_mode="pmix")
-    argv, script = sbatch_argv(resources, settings, 7), job_script(launch, settings)
-    assert secret.hex() not in " ".join(argv) + script
-    assert job_environment(launch)[SECRET_ENV] == secret.hex()
-    assert {"--partition=multi", "--ntasks=2", "--cpus-per-task=2", "--time=2"} <= set(argv)
-    assert "srun --kill-on-bad-exit=1 --mpi=pmix" in script and "interactive_parallel" in script
+    argv = sbatch_argv(resources, PilotSettings("/out", time_limit_s=90), 7)
+    assert argv[:2] == ["sbatch", "--parsable"]
+    assert {"--partition=multi", "--ntasks=2", "--cpus-per-task=2", "--time=2",
+            "--output=/out/worker-7-%j.out", "--job-name=executorlib-pilot"} <= set(argv)
 
 
 KILLED_SCRIPT = """
