@@ -111,7 +111,7 @@ class JobWatcher:
                     self._cond.wait(interval)
                 kicked, self._kicked = self._kicked, False
                 job_ids = list(self._entries)
-            answer = _query(job_ids)
+            answer = query_jobs(job_ids)
             changed = answer is not None and self._update(job_ids, answer)
             interval = _POLL_MIN_S if changed or kicked else min(2 * interval, _POLL_MAX_S)
 
@@ -136,7 +136,7 @@ class JobWatcher:
         return changed
 
 
-def _query(job_ids: list[str]) -> dict[str, JobStatus] | None:
+def query_jobs(job_ids: list[str]) -> dict[str, JobStatus] | None:
     """One ``squeue`` for all ``job_ids``; None when squeue could not answer."""
     argv = ["squeue", "--noheader", "--states=all", f"--format={_FORMAT}", "--jobs=" + ",".join(job_ids)]
     try:
