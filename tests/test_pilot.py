@@ -208,6 +208,19 @@ def test_a_job_that_can_never_start_fails_the_calls_with_partition_and_reason(tm
     assert "still PENDING" in message and "partition multi" in message and "PartitionConfig" in message
 
 
+@pytest.mark.timeout(120)
+def test_a_refused_worker_job_fails_the_calls_with_sbatchs_words(tmp_path):
+    with SlurmClusterExecutor(
+        block_allocation=True, max_workers=2, resource_dict={"partition": "no-such-partition"},
+        cache_directory=str(tmp_path / "cache"),
+    ) as exe:
+        futures = [exe.submit(job_of, i) for i in range(3)]
+        refused = r"sbatch refused the worker job .*(?i:invalid partition)"
+        for future in futures:
+            with pytest.raises(WorkerDiedError, match=refused):
+                future.result(timeout=60)
+
+
 @pytest.mark.timeout(240)
 def test_a_cancelled_worker_job_fails_over_its_call_up_to_max_retries(tmp_path):
     with SlurmClusterExecutor(
