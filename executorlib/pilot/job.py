@@ -20,16 +20,19 @@ import shlex
 import socket
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from executorlib.interactive.spawner import Launch, worker_argv, worker_environment
-from executorlib.pilot.watcher import JobStatus, JobWatcher
+from executorlib.pilot.watcher import REFUSED, JobStatus, JobWatcher
 from executorlib.processes import child_environment, python_argv, tail_lines
 from executorlib.queue import SubmissionError, run_command
 from executorlib.resources import Resources
 
 JOB_NAME = "executorlib-pilot"
+SUBMITTING = "SUBMITTING"  # sbatch has not answered yet
 
 
 @dataclass(frozen=True)
@@ -117,50 +120,89 @@ class Guardian:
 
 
 class PilotJob:
-    """One worker job, as the manager sees it (the ``WorkerProcess`` interface)."""
+    """One worker job, as the manager sees it (the ``WorkerProcess`` interface).
 
-    def __init__(self, job_id: str, output_file: str, watcher: JobWatcher, guardian: Guardian,
+    Made before ``sbatch`` has answered (``job_id`` None, state SUBMITTING): the spawner's
+    submit thread fills in the job id, or the refusal, and writes the eventfd.
+    """
+
+    def __init__(self, output_pattern: str, watcher: JobWatcher, guardian: Guardian,
                  time_limit_s: int | None) -> None:
-        self.job_id, self.output_file = job_id, output_file
+        self.job_id: str | None = None
+        self.output_pattern = output_pattern
         self._watcher, self._guardian = watcher, guardian
-        self._fd = watcher.track(job_id)
+        self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._lock = threading.Lock()
+        self._cancel_asked = False
         self.submitted = time.time()
         self._limit = time_limit_s
-        self.status = JobStatus()
+        self.status = JobStatus(SUBMITTING)
+        self.refusal: SubmissionError | None = None
         self.idle_since = time.monotonic()
         self.calls_done = 0
         self.cancel_reason: str | None = None  # why we cancelled it, if we did
+
+    # ------------------------------------------------ from the submit thread
+    def submitted_as(self, job_id: str) -> None:
+        """sbatch answered ``job_id``: watch it (cancel it at once if asked meanwhile)."""
+        with self._lock:
+            self.job_id = job_id
+            self._guardian.add(job_id)
+            self._watcher.track(job_id, self._fd)
+            cancel = self._cancel_asked
+        if cancel:
+            self._scancel()
+
+    def refused(self, error: SubmissionError) -> None:
+        self.refusal = error
+        os.eventfd_write(self._fd, 1)
 
     # -------------------------------------------------- WorkerProcess interface
     def fds(self) -> list[int]:
         return [self._fd]
 
     def on_readable(self, fd: int) -> bool:
-        """Take the watcher's news; True once the job has ended."""
+        """Take the news (watcher or submit thread); True once the job has ended."""
         os.eventfd_read(self._fd)
-        self.status = self._watcher.status(self.job_id)
-        if self.status.final:
+        if self.refusal is not None:
+            self.status = JobStatus(REFUSED, str(self.refusal))
+        elif self.job_id is not None:
+            self.status = self._watcher.status(self.job_id)
+        if not self.status.final:
+            return False
+        if self.job_id is not None:
             self._watcher.forget(self.job_id)
             self._guardian.remove(self.job_id)
-        return self.status.final
+        os.close(self._fd)
+        return True
 
     def how_it_ended(self) -> str:
         """Job id, node, Slurm's state and reason, and the tail of the job's output."""
+        if self.refusal is not None:
+            return str(self.refusal)
         status = self.status
         where = f" on {status.node}" if status.node else ""
         reason = f" ({status.reason})" if status.reason else ""
         text = f"Slurm job {self.job_id}{where} ended {status.state}{reason}"
         if self.cancel_reason:
             text += f"; executorlib cancelled it: {self.cancel_reason}"
-        lines = tail_lines(self.output_file.replace("%j", self.job_id))
+        lines = tail_lines(self.output_pattern.replace("%j", str(self.job_id)))
         return text + ("; last lines of its output:\n    " + "\n    ".join(lines) if lines else "")
 
     def stop(self, reason: str | None = None) -> None:
-        """``scancel`` the job (the watcher then reports its end)."""
+        """``scancel`` the job (the watcher then reports its end); before sbatch has
+        answered, the submit thread cancels it as soon as it has an id."""
         if self.cancel_reason is None:
             self.cancel_reason = reason or "the executor stopped it"
+        with self._lock:
+            self._cancel_asked = True
+            if self.job_id is None:
+                return
+        self._scancel()
+
+    def _scancel(self) -> None:
         try:
-            run_command(["scancel", self.job_id], f"cancelling worker job {self.job_id}")
+            run_command(["scancel", str(self.job_id)], f"cancelling worker job {self.job_id}")
         except SubmissionError as error:  # it ended meanwhile, or Slurm is unreachable
             print(f"executorlib: {error}", file=sys.stderr)
         self._watcher.kick()
@@ -168,16 +210,14 @@ class PilotJob:
     # ------------------------------------------------------------- for the pool
     @property
     def pending(self) -> bool:
-        return self.status.state in ("PENDING", "CONFIGURING") and not self.status.final
+        return self.status.state in (SUBMITTING, "PENDING", "CONFIGURING")
 
     def end_time(self) -> float:
-        """When Slurm will end the job (a lower bound until squeue has told us)."""
+        """When Slurm will end the job; until squeue has said, a lower bound (the job
+        cannot have started before it was submitted)."""
         if self.status.end_time is not None and self.status.state == "RUNNING":
             return self.status.end_time
-        if self._limit is None:
-            return math.inf
-        start = max(self.submitted, time.time()) if self.pending else self.submitted
-        return start + self._limit
+        return math.inf if self._limit is None else self.submitted + self._limit
 
     def time_left(self) -> float:
         return self.end_time() - time.time()
@@ -187,7 +227,11 @@ class PilotJob:
 
 
 class PilotSpawner:
-    """Workers as Slurm jobs that connect back to this host (``Spawner`` protocol)."""
+    """Workers as Slurm jobs that connect back to this host (``Spawner`` protocol).
+
+    ``sbatch`` runs in one submit thread, so a slow controller never stalls the manager
+    thread (results keep flowing while the pool grows); jobs are submitted in order.
+    """
 
     name = "Slurm pilot job"
 
@@ -197,28 +241,33 @@ class PilotSpawner:
         _warn_if_loopback(self.bind_host)
         self._watcher = JobWatcher.shared()
         self._guardian = Guardian()
+        self._submitter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="executorlib-sbatch")
 
     def start(self, launch: Launch) -> PilotJob:
-        """Submit the worker job of ``launch``; a SubmissionError with sbatch's words."""
+        """The job of ``launch``, submitted in the background (its fd tells the outcome)."""
+        output = output_pattern(self.settings, launch.worker_id)
+        job = PilotJob(output, self._watcher, self._guardian, self.settings.time_limit_s)
         argv = sbatch_argv(launch.resources, self.settings, launch.worker_id)
+        script, env = job_script(launch, self.settings), job_environment(launch)
+        self._submitter.submit(self._submit, job, argv, script, env)
+        return job
+
+    def _submit(self, job: PilotJob, argv: list[str], script: str, env: dict[str, str]) -> None:
         try:
-            done = subprocess.run(
-                argv, input=job_script(launch, self.settings), capture_output=True, text=True,
-                env=job_environment(launch), timeout=120,
-            )
+            done = subprocess.run(argv, input=script, capture_output=True, text=True, env=env, timeout=120)
         except (OSError, subprocess.TimeoutExpired) as error:
-            raise SubmissionError(f"submitting a worker job: sbatch could not run: {error}") from error
+            job.refused(SubmissionError(f"submitting a worker job: sbatch could not run: {error}"))
+            return
         if done.returncode != 0:
-            raise SubmissionError(
+            job.refused(SubmissionError(
                 f"sbatch refused the worker job ({shlex.join(argv[3:])}): {done.stderr.strip()}; "
                 "check the pool's resource_dict (partition, cores, slurm_cmd_args)"
-            )
-        job_id = done.stdout.strip().splitlines()[-1].split(";")[0]
-        self._guardian.add(job_id)
-        output = output_pattern(self.settings, launch.worker_id)
-        return PilotJob(job_id, output, self._watcher, self._guardian, self.settings.time_limit_s)
+            ))
+            return
+        job.submitted_as(done.stdout.strip().splitlines()[-1].split(";")[0])
 
     def close(self) -> None:
+        self._submitter.shutdown(wait=True)
         self._guardian.close()
 
 

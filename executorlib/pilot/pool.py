@@ -212,7 +212,8 @@ class PilotScheduler(Scheduler):
         job: PilotJob = worker.process
         status = job.status
         why = (
-            f"Slurm job {job.job_id} (worker {worker.worker_id}) was still PENDING after "
+            f"Slurm job {job.job_id or '(not yet submitted)'} (worker {worker.worker_id}) was still "
+            f"PENDING after "
             f"pending_timeout={self._policy.pending_timeout:g} s in partition "
             f"{status.partition or '(default)'} (squeue's reason: {status.reason or 'none given'})"
         )
@@ -341,6 +342,9 @@ class PilotScheduler(Scheduler):
         self._changed()
         self._blocked = None  # one of our jobs ended: the queue has room again
         if self._stopping or self._broken is not None:
+            return
+        if worker.process.refusal is not None:  # sbatch said no: it will say no again
+            self._broken = worker.process.refusal
             return
         if worker.peer is None and not worker.stopping:
             self._start_failures += 1

@@ -69,7 +69,7 @@ def table(pools: list[dict[str, Any]]) -> list[str]:
             state += ", stopping" if job["stopping"] else ", busy" if job["busy"] else ""
             idle = "-" if job["idle_since"] is None else f"{now - job['idle_since']:.0f} s"
             left = "-" if job["end_time"] is None else f"{max(0.0, job['end_time'] - now):.0f} s"
-            rows.append((job["job_id"], job["node"] or "-", state, str(job["calls_done"]), idle, left))
+            rows.append((job["job_id"] or "-", job["node"] or "-", state, str(job["calls_done"]), idle, left))
         widths = [max(len(row[i]) for row in rows) for i in range(6)]
         for row in rows:
             lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
@@ -77,4 +77,4 @@ def table(pools: list[dict[str, Any]]) -> list[str]:
 
 
 def job_ids(pools: list[dict[str, Any]]) -> list[str]:
-    return [job["job_id"] for pool in pools for job in pool["jobs"]]
+    return [job["job_id"] for pool in pools for job in pool["jobs"] if job["job_id"]]

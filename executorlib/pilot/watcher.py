@@ -21,7 +21,8 @@ from executorlib.queue import FINAL_STATES
 
 GONE = "GONE"  # squeue no longer knows the job (purged after MinJobAge)
 # COMPLETING: the job's processes have ended; Slurm is still cleaning up after them.
-ENDED_STATES = FINAL_STATES | {"COMPLETING", GONE}
+REFUSED = "REFUSED"  # sbatch refused the job: it never existed
+ENDED_STATES = FINAL_STATES | {"COMPLETING", GONE, REFUSED}
 _POLL_MIN_S, _POLL_MAX_S = 0.2, 2.0
 _MISSES_BEFORE_GONE = 2  # a job missing from two answers in a row has left the queue
 _FORMAT = "%i|%T|%r|%N|%e|%P"
@@ -46,9 +47,9 @@ class JobStatus:
 class _Entry:
     __slots__ = ("status", "fd", "misses")
 
-    def __init__(self) -> None:
+    def __init__(self, fd: int) -> None:
         self.status = JobStatus()
-        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.fd = fd
         self.misses = 0
 
 
@@ -71,16 +72,15 @@ class JobWatcher:
                 cls._shared = cls()
             return cls._shared
 
-    def track(self, job_id: str) -> int:
-        """Start watching ``job_id``; the eventfd that becomes readable on each change."""
+    def track(self, job_id: str, fd: int) -> None:
+        """Start watching ``job_id``; the eventfd ``fd`` (the caller's) is written on each change."""
         with self._cond:
-            entry = self._entries[job_id] = _Entry()
+            self._entries[job_id] = _Entry(fd)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="executorlib-squeue", daemon=True)
                 self._thread.start()
             self._kicked = True
             self._cond.notify()
-            return entry.fd
 
     def status(self, job_id: str) -> JobStatus:
         with self._cond:
@@ -88,11 +88,9 @@ class JobWatcher:
             return entry.status if entry else JobStatus(GONE)
 
     def forget(self, job_id: str) -> None:
-        """Stop watching ``job_id`` and close its eventfd (the caller polls it no more)."""
+        """Stop watching ``job_id``: its eventfd is not written any more (the caller may close it)."""
         with self._cond:
-            entry = self._entries.pop(job_id, None)
-            if entry is not None:
-                os.close(entry.fd)
+            self._entries.pop(job_id, None)
 
     def kick(self) -> None:
         """Ask ``squeue`` soon: something is expected to change (a worker was stopped)."""
