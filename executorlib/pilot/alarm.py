@@ -24,9 +24,12 @@ class Alarm:
         self._thread.start()
 
     def set(self, when: float | None) -> None:
+        """Set every round of the manager: the thread is woken only for an earlier time
+        (a later one it finds when it wakes), so a busy pool costs no thread switches."""
         with self._cond:
-            if when != self._when:
-                self._when = when
+            earlier = when is not None and (self._when is None or when < self._when)
+            self._when = when
+            if earlier:
                 self._cond.notify()
 
     def clear(self) -> None:

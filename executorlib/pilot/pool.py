@@ -182,15 +182,16 @@ class PilotScheduler(Scheduler):
         """A full pool whose jobs all have too little time left for a waiting call that
         declares run_time_max: stop one idle worker, so that a fresh job can start."""
         workers = list(self._workers.values())
-        if len(workers) < self._max_workers or any(w.stopping for w in workers):
-            return
+        idle = [w for w in workers if w.ready and not w.tasks and not w.stopping]
+        full = len(workers) >= self._max_workers and not any(w.stopping for w in workers)
+        if not (idle and self._pending and full):
+            return  # checked first: a busy pool never scans its queue here
         longest = max((t.resources.run_time_max or 0 for t in self._pending), default=0)
         if not longest:
             return
         needed = longest + self._policy.end_margin
         if any(w.process.time_left() >= needed for w in workers):
             return  # a worker that can take it exists; the call waits for it
-        idle = [w for w in workers if w.ready and not w.tasks]
         if idle:
             self._stop(min(idle, key=lambda w: w.process.time_left()), f"a call needs {longest} s")
 
