@@ -131,6 +131,12 @@ class SlurmPilotExecutor(SlurmClusterExecutor):
             )
         return resources
 
+    def __exit__(self, *exc_info: object) -> bool:
+        """Leaving ``with`` waits for the calls and ends every worker job (a pool cannot
+        be re-attached to from another process, unlike one job per call)."""
+        self.shutdown(wait=True)
+        return False
+
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         super().shutdown(wait, cancel_futures=cancel_futures)
         if wait and self._output is not None:
