@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from typing import Any
 
+from executorlib import files
 from executorlib.options import parse_options, pmi_option
 from executorlib.pilot.job import PilotSettings, PilotSpawner
 from executorlib.pilot.placement import PoolPolicy
@@ -165,8 +166,7 @@ def _check_policy(policy: PoolPolicy, time_limit: int | None) -> None:
 
 def _private_directory(parent: str) -> str:
     """A new 0700 directory for the pool's job output, under ``parent/pilot``."""
-    base = os.path.join(os.path.abspath(parent), "pilot")
-    os.makedirs(base, mode=0o700, exist_ok=True)
+    base = files.private_directory(os.path.join(parent, "pilot"))  # refuses one others can write
     return tempfile.mkdtemp(prefix="pool-", dir=base)
 
 

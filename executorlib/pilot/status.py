@@ -12,10 +12,10 @@ import glob
 import json
 import os
 import socket
-import tempfile
 import time
 from typing import Any
 
+from executorlib import files
 from executorlib.processes import pid_alive
 
 STATUS_FILE = "status.json"
@@ -32,26 +32,31 @@ def write_status(directory: str, max_workers: int, jobs: list[dict[str, Any]]) -
     } for job in jobs]
     record = {"pid": os.getpid(), "host": socket.gethostname(), "updated": wall,
               "max_workers": max_workers, "jobs": rows}
-    descriptor, temporary = tempfile.mkstemp(dir=directory, prefix=".status-")  # 0600
-    with os.fdopen(descriptor, "w") as file:
-        json.dump(record, file)
-    os.replace(temporary, os.path.join(directory, STATUS_FILE))
+    files.write_text(os.path.join(directory, STATUS_FILE), json.dumps(record))  # 0600, atomic
 
 
 def read_pools(cache_directory: str) -> list[dict[str, Any]]:
-    """The live pools under ``cache_directory`` (files of this user only; pools of a
-    process that has ended, or of another host, are skipped)."""
+    """The live pools under ``cache_directory`` (files of this user only, in folders
+    nobody else can write; pools of a process that has ended, or of another host, are
+    skipped)."""
     pools = []
-    pattern = os.path.join(cache_directory, "pilot", "pool-*", STATUS_FILE)
-    for path in sorted(glob.glob(pattern)):
+    base = os.path.join(cache_directory, "pilot")
+    try:
+        if files.check_directory(base):
+            return []  # a shared directory: pools are private to their user
+    except (OSError, files.UntrustedFileError):
+        return []
+    for path in sorted(glob.glob(os.path.join(base, "pool-*", STATUS_FILE))):
         try:
-            if os.stat(path).st_uid != os.getuid():
-                continue
-            with open(path) as file:
-                record = json.load(file)
-        except (OSError, ValueError):
+            descriptor, shared = files.open_trusted(path)  # ours, no link, nobody else can write
+        except (OSError, files.UntrustedFileError):
             continue
-        if record.get("host") == socket.gethostname() and pid_alive(int(record.get("pid", 0))):
+        with os.fdopen(descriptor) as file:
+            try:
+                record = json.load(file)
+            except ValueError:
+                continue
+        if not shared and record.get("host") == socket.gethostname() and pid_alive(int(record.get("pid", 0))):
             pools.append(record)
     return pools
 
