@@ -195,6 +195,25 @@ def test_a_job_pending_too_long_is_cancelled_while_the_others_serve(tmp_path, ca
 
 
 @pytest.mark.timeout(240)
+def test_a_pending_job_nobody_needs_any_more_is_cancelled_after_idle_timeout(tmp_path):
+    # three calls ask for three jobs of 4 CPUs; two fit on n1/n2 and serve all three calls
+    with SlurmClusterExecutor(
+        block_allocation=True, max_workers=3, idle_timeout=3,
+        resource_dict={"partition": "multi", "threads_per_core": 4}, cache_directory=str(tmp_path / "cache"),
+    ) as exe:
+        futures = [exe.submit(job_of, i) for i in range(3)]
+        seen = wait_until(lambda: len(ids := {row["job_id"] for row in exe.worker_jobs()} - {None}) == 3
+                          and ids, 60, "three worker jobs submitted")
+        used = {job_id for _, job_id, _ in [f.result(timeout=120) for f in futures]}
+        wait_until(lambda: not exe.worker_jobs() and not pilot_jobs(), 120, "the pool to scale in to 0")
+        final = pilot_jobs("all")
+        states = {job: final[job][0] for job in seen if job in final}
+        waiting = seen - used
+        assert waiting and all(states[job] == "CANCELLED" for job in waiting)  # never idle forever
+        assert all(states[job] == "COMPLETED" for job in used)  # idle workers ended their jobs
+
+
+@pytest.mark.timeout(240)
 def test_a_job_that_can_never_start_fails_the_calls_with_partition_and_reason(tmp_path):
     # 9 tasks: more CPUs than the whole partition has (squeue's reason: PartitionConfig)
     with SlurmClusterExecutor(
