@@ -123,6 +123,8 @@ def _unfinished(
         return CallInfo(key, name, "lost", None, None, "no job id was recorded: the submission did not "
                         "complete", tuple(sorted(paths)))
     state = _local_state(job_id, paths) if job_id.startswith("local-") else states.get(job_id)
+    if state is not None and not state.belongs_to(key):
+        state = None  # the id names another job (a new Flux instance): ours is gone
     output = next((p for p in paths if p.endswith(".out")), None)
     if state is None:
         text, where = "lost", f"job {job_id} is unknown to the queue and wrote no result"

@@ -125,9 +125,11 @@ def test_local_variant_cap_keeps_jobs_in_order(in_tmp):
 
 
 def test_flux_adapter_renders_and_reads_states():
-    # flux-core cannot be installed here: only the parts that need no Flux instance.
-    states = FluxQueue.parse_states("f2a 'RUN' x\nf3b INACTIVE CANCELED\nf4c INACTIVE COMPLETED\n")
+    # the parts that need no Flux instance (tests/flux runs the rest inside one)
+    states = FluxQueue.parse_states("f2a|RUN||add_1\nf3b|INACTIVE|CANCELED|x\nf4c|INACTIVE|COMPLETED|\n")
     assert states["f3b"].state == "CANCELLED" and states["f4c"].state == "COMPLETED"
+    assert states["f2a"].state == "RUNNING" and states["f2a"].belongs_to("add_1")
+    assert not states["f3b"].belongs_to("add_1") and states["f4c"].belongs_to("add_1")
     spec = JobSpec("add_1", "t.h5", "s.sh", "o.out", "/w", Resources(cores=2))
     assert "flux run -n 2" in FluxQueue().command(spec)
     assert "#SBATCH --ntasks=2" in render_script(spec, "true")
