@@ -38,8 +38,8 @@ from typing import Any
 
 from executorlib.dependencies import settle
 from executorlib.errors import with_remote_traceback
-from executorlib.interactive.protocol import to_bytes
 from executorlib.resources import Resources
+from executorlib.serialize import to_bytes
 from executorlib.task import Task
 
 try:

@@ -16,8 +16,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from executorlib.errors import describe_exit
 from executorlib.interactive import private_env
+from executorlib.processes import describe_exit, tail_lines
 
 _STDERR_TAIL_BYTES = 4096
 _TAIL_LINES = 30
@@ -120,11 +120,4 @@ def describe_job_end(future: Future, wait_status: int | None) -> str:
 
 def file_tail(path: str | None, lines: int = _TAIL_LINES) -> list[str]:
     """The last ``lines`` lines of a log file, or [] when there is none."""
-    if path is None:
-        return []
-    try:
-        with open(path, "rb") as stream:
-            stream.seek(max(0, os.fstat(stream.fileno()).st_size - _STDERR_TAIL_BYTES))
-            return stream.read().decode(errors="replace").strip().splitlines()[-lines:]
-    except OSError:
-        return []
+    return tail_lines(path, lines, _STDERR_TAIL_BYTES) or []

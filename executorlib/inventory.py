@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from executorlib.cache import read_file
-from executorlib.interactive.shm import pid_alive
+from executorlib.processes import pid_alive, tail_lines
 from executorlib.queue import FluxQueue, JobState, SlurmQueue, SubmissionError
 
 JOB_SUFFIXES = (".task.h5", ".sh", ".job", ".out")
@@ -150,12 +150,7 @@ def _task_name(paths: set[str]) -> str | None:
 
 
 def _last_line(path: str) -> str:
-    try:
-        with open(path, "rb") as file:
-            file.seek(max(0, os.path.getsize(path) - 2048))
-            lines = file.read().decode(errors="replace").strip().splitlines()
-    except OSError:
-        return ""
+    lines = tail_lines(path, lines=1, max_bytes=2048)
     return f"; its output ends: {lines[-1].strip()}" if lines else ""
 
 

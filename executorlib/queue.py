@@ -18,9 +18,9 @@ import re
 import shlex
 import signal
 import subprocess
-import sys
 from dataclasses import dataclass
 
+from executorlib.processes import child_environment, mpiexec_prefix, python_argv
 from executorlib.resources import Resources
 
 DEFAULT_TEMPLATE = """\
@@ -130,20 +130,8 @@ def run_command(argv: list[str], what: str, env: dict[str, str] | None = None) -
     return done.stdout
 
 
-def job_environment(resources: Resources) -> dict[str, str]:
-    """The environment a job starts with (sbatch passes ours on): threads, env, MPI."""
-    env = dict(os.environ)
-    env.update(dict.fromkeys(("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"),
-                             str(resources.threads_per_core)))
-    if os.geteuid() == 0:  # OpenMPI refuses root unless told; containers and CI run as root
-        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-    env.update(resources.env)
-    return env
-
-
 def python_command(module: str, spec: JobSpec) -> str:
-    return shlex.join([sys.executable, "-m", f"executorlib.backend.{module}", spec.task_file])
+    return shlex.join(python_argv(module, spec.task_file))
 
 
 class SlurmQueue:
@@ -167,7 +155,7 @@ class SlurmQueue:
         if spec.dependency:
             argv.append("--dependency=afterok:" + ":".join(spec.dependency))
         argv += [*spec.resources.slurm_cmd_args, spec.script_file]
-        out = run_command(argv, f"submitting {spec.job_name}", job_environment(spec.resources))
+        out = run_command(argv, f"submitting {spec.job_name}", child_environment(spec.resources))
         return out.strip().splitlines()[-1].split(";")[0]
 
     def states(self, job_ids: list[str]) -> dict[str, JobState]:
@@ -210,7 +198,7 @@ class FluxQueue:
         if resources.run_time_max:
             argv.append(f"--time-limit={resources.run_time_max}s")
         out = run_command([*argv, spec.script_file], f"submitting {spec.job_name}",
-                          job_environment(resources))
+                          child_environment(resources))
         return out.strip().splitlines()[-1]
 
     def states(self, job_ids: list[str]) -> dict[str, JobState]:
@@ -323,7 +311,6 @@ class LocalQueue:
     def command(self, spec: JobSpec) -> str:
         if spec.resources.cores == 1:
             return python_command("cache_serial", spec)
-        from executorlib.interactive.spawner import mpiexec_prefix
 
         return f"{shlex.join(mpiexec_prefix(spec.resources))} {python_command('cache_parallel', spec)}"
 
@@ -370,7 +357,7 @@ class _LocalJob:
             self.process = subprocess.Popen(
                 ["bash", self.spec.script_file], stdin=subprocess.DEVNULL, stdout=output,
                 stderr=subprocess.STDOUT, cwd=self.spec.working_directory,
-                env=job_environment(self.spec.resources), start_new_session=True,
+                env=child_environment(self.spec.resources), start_new_session=True,
             )
 
     def state(self) -> JobState:

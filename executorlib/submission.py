@@ -36,6 +36,7 @@ from executorlib.cache import Upstream, read_outcome, resources_blob, task_key, 
 from executorlib.dependencies import settle, substitute, when_resolved
 from executorlib.errors import WorkerDiedError
 from executorlib.executor import Options, WorkerExecutor
+from executorlib.processes import tail_lines
 from executorlib.queue import (
     FluxQueue,
     JobSpec,
@@ -363,11 +364,8 @@ def _write_atomically(path: str, text: str) -> None:
 
 
 def _tail(path: str) -> str:
-    try:
-        with open(path, "rb") as file:
-            file.seek(max(0, os.path.getsize(path) - _TAIL_BYTES))
-            lines = file.read().decode(errors="replace").strip().splitlines()[-30:]
-    except OSError:
+    lines = tail_lines(path, max_bytes=_TAIL_BYTES)
+    if lines is None:
         return f"its output {path} cannot be read"
     if not lines:
         return f"its output {path} is empty"

@@ -36,6 +36,7 @@ from executorlib.flux_spec import (
 from executorlib.interactive import private_env, protocol
 from executorlib.interactive.per_task import PerTaskScheduler
 from executorlib.interactive.spawner import Launch
+from executorlib.processes import python_argv
 from executorlib.resources import Resources
 from executorlib.task import Task
 
@@ -118,9 +119,7 @@ def test_log_files_and_error_log_file(tmp_path):
 def test_worker_job_keeps_the_secret_out_of_argv(tmp_path):
     resources = Resources(cores=2, threads_per_core=3, cwd=str(tmp_path), env={"MY": "1"})
     request = worker_job(launch_for(resources), FluxSettings(log_files=True), "77")
-    assert request.command == (
-        sys.executable, "-m", "executorlib.backend.interactive_parallel", "tcp://node7:5555", "4",
-    )
+    assert request.command == (*python_argv("interactive_parallel"), "tcp://node7:5555", "4")
     assert request.environment[protocol.SECRET_ENV] == (b"s" * 32).hex()
     assert not any(("s" * 64) in part for part in request.command)
     assert "s" * 64 not in repr(request)
@@ -131,11 +130,9 @@ def test_worker_job_keeps_the_secret_out_of_argv(tmp_path):
 
 def test_worker_job_is_serial_for_one_core_or_under_nesting():
     serial = worker_job(launch_for(Resources()), FluxSettings(), "1")
-    assert serial.command[2] == "executorlib.backend.interactive_serial"
+    assert serial.command == (*python_argv("interactive_serial"), "tcp://node7:5555", "4")
     nested = worker_job(launch_for(Resources(cores=4)), FluxSettings(nesting=True), "1")
-    assert nested.command[:5] == (
-        "flux", "broker", sys.executable, "-m", "executorlib.backend.interactive_serial",
-    )
+    assert nested.command[:5] == ("flux", "broker", *python_argv("interactive_serial"))
     assert nested.num_tasks == 4
 
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 import pickle
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from typing import Any
 
 from executorlib.cache import read_file, write_file
+from executorlib.serialize import failure_blobs, to_bytes
 
 TASK_BLOBS = ("function", "args", "kwargs", "resources", "result_path")
 # What runs the loaded call here: the function itself, or every MPI rank.
@@ -28,7 +28,7 @@ def run_task_file(task_file: str, run: Runner, write: bool = True) -> bool:
     start = time.perf_counter()
     try:
         fn, args, kwargs = (pickle.loads(task[key]) for key in ("function", "args", "kwargs"))
-        outcome = {"result": pickle_result(run(fn, args, kwargs))}
+        outcome = {"result": to_bytes(run(fn, args, kwargs))}
     except BaseException as error:  # the job's whole purpose is to report it
         outcome = failure_blobs(error)
     if write:
@@ -36,26 +36,6 @@ def run_task_file(task_file: str, run: Runner, write: bool = True) -> bool:
         write_file(task["result_path"].decode(), {**blobs, **outcome}, task["name"],
                    time.perf_counter() - start)
     return "result" in outcome
-
-
-def pickle_result(value: Any) -> bytes:
-    try:
-        return pickle.dumps(value, protocol=5)
-    except Exception:
-        import cloudpickle
-
-        return cloudpickle.dumps(value, protocol=5)
-
-
-def failure_blobs(error: BaseException, where: str = "") -> dict[str, bytes]:
-    """The pickled exception (a RuntimeError if it will not pickle) and its traceback."""
-    text = "".join(traceback.format_exception(error)) + (f"(raised on {where})\n" if where else "")
-    try:
-        blob = pickle.dumps(error, protocol=5)
-        pickle.loads(blob)
-    except Exception:
-        blob = pickle.dumps(RuntimeError(f"{type(error).__qualname__}: {error}"), protocol=5)
-    return {"error": blob, "traceback": text.encode()}
 
 
 def main() -> None:

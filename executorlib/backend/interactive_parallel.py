@@ -9,7 +9,7 @@ import pickle
 
 from mpi4py import MPI
 
-from executorlib.interactive import protocol
+from executorlib import serialize
 from executorlib.interactive.worker import Preload, connect_from_argv, run_call, serve
 
 COMM = MPI.COMM_WORLD
@@ -19,17 +19,17 @@ def run_on_this_rank(preload: Preload, payload: list) -> bytes:
     """Run the broadcast message here; the outcome is pickled by this rank itself,
     so an unpicklable result cannot break the collective."""
     try:
-        return protocol.to_bytes(run_call(preload, protocol.loads(payload)))
+        return serialize.to_bytes(run_call(preload, serialize.loads(payload)))
     except BaseException as exception:
         where = f"MPI rank {COMM.Get_rank()} of {COMM.Get_size()} on {MPI.Get_processor_name()}"
-        return b"".join(protocol.dumps_failure(exception, where)[:1])
+        return b"".join(serialize.dumps_failure(exception, where)[:1])
 
 
-def run_everywhere(preload: Preload, frames: list) -> list | protocol.Failure:
+def run_everywhere(preload: Preload, frames: list) -> list | serialize.Failure:
     """Rank 0: broadcast, run, gather; the first failing rank's Failure wins."""
-    payload = COMM.bcast([bytes(protocol.buffer_of(frame)) for frame in frames])
+    payload = COMM.bcast([bytes(serialize.buffer_of(frame)) for frame in frames])
     outcomes = [pickle.loads(o) for o in COMM.gather(run_on_this_rank(preload, payload))]
-    failures = [o for o in outcomes if isinstance(o, protocol.Failure)]
+    failures = [o for o in outcomes if isinstance(o, serialize.Failure)]
     return failures[0] if failures else outcomes
 
 

@@ -19,6 +19,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+from executorlib import serialize
 from executorlib.interactive import protocol
 
 _CACHE_SIZE = 256
@@ -58,19 +59,19 @@ class CallEncoder:
 
     def encode(self, fn: Callable, args: tuple, kwargs: dict) -> list:
         """Frames of the call; raises if the function or arguments cannot be pickled."""
-        return protocol.dumps(_WireCall(self._function_pickle(fn), args, kwargs), by_value=True)
+        return serialize.dumps(_WireCall(self._function_pickle(fn), args, kwargs), by_value=True)
 
     def encode_batch(self, calls: list[tuple[Callable, tuple, dict]]) -> list:
         """Frames of several calls in one message; the worker runs them in order."""
         wire = [_WireCall(self._function_pickle(fn), args, kwargs) for fn, args, kwargs in calls]
-        return protocol.dumps(wire, by_value=True)
+        return serialize.dumps(wire, by_value=True)
 
     def _function_pickle(self, fn: Callable) -> bytes:
         captured = _captured(fn)
         cached = self._functions.get(id(fn))
         if cached is not None and cached[0] is fn and _same(cached[1], captured):
             return cached[2]
-        data = protocol.dumps(fn, by_value=True)[0]
+        data = serialize.dumps(fn, by_value=True)[0]
         if captured is not None:
             self._functions[id(fn)] = (fn, captured, data)
             if len(self._functions) > _CACHE_SIZE:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from executorlib import serialize
 from executorlib.dependencies import settle
 from executorlib.errors import WorkerDiedError, with_remote_traceback
 from executorlib.interactive import protocol
@@ -39,7 +40,7 @@ class PoolScheduler(Scheduler):
         super().__init__(spawner, host, cache)
         self._resources = resources
         self._size = size
-        self._init_frames = protocol.dumps(init_function, by_value=True) if init_function else None
+        self._init_frames = serialize.dumps(init_function, by_value=True) if init_function else None
         self._ready: list[Worker] = []
         self._broken: BaseException | None = None
         self._start_failures = 0
@@ -91,7 +92,7 @@ class PoolScheduler(Scheduler):
     def _on_message(self, peer: Any, kind: bytes, frames: list) -> None:
         worker = self._workers.get(peer.worker_id)
         if kind == protocol.FAILURE and worker is not None and not worker.ready:
-            failure = protocol.loads(frames)  # init_function raised
+            failure = serialize.loads(frames)  # init_function raised
             self._broken = with_remote_traceback(failure.exception, failure.traceback)
             worker.process.stop()
             return

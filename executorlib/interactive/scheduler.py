@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 import zmq
 
+from executorlib import serialize
 from executorlib.dependencies import settle, substitute, when_resolved
 from executorlib.errors import ExecutorShutdownError, WorkerDiedError, with_remote_traceback
 from executorlib.interactive import protocol
@@ -278,7 +279,7 @@ class Scheduler:
 
     def _resolve(self, task: Task, kind: bytes, frames: list) -> None:
         try:
-            value = protocol.loads(frames)
+            value = serialize.loads(frames)
         except Exception as error:
             settle(task.future, exception=RuntimeError(
                 f"the result of {task.name} arrived but could not be unpickled here: {error!r}"

@@ -38,6 +38,8 @@ import os
 import threading
 from collections.abc import Iterable
 
+from executorlib.processes import pid_alive
+
 SHM_DIR = "/dev/shm"
 NO_SHM_ENV = "EXECUTORLIB_NO_SHM"
 NAME_PREFIX = "executorlib-"
@@ -272,17 +274,6 @@ def _pid_namespace() -> int:
         return os.stat("/proc/self/ns/pid").st_ino
     except OSError:
         return 0
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists (ours or another user's)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _mine(name: str) -> bool:

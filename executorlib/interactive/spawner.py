@@ -10,20 +10,17 @@ through to our stderr while the last lines are kept for error messages.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
-import shutil
 import signal
 import subprocess
 import sys
 from dataclasses import dataclass
 
-from executorlib.errors import describe_exit
 from executorlib.interactive import protocol
+from executorlib.processes import child_environment, describe_exit, mpiexec_prefix, python_argv
 from executorlib.resources import Resources
 
 _STDERR_TAIL_BYTES = 4096
-_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,47 +116,12 @@ class LocalSpawner:
 
 
 def worker_argv(module: str, launch: Launch) -> list[str]:
-    """``python -m executorlib.backend.<module> ADDRESS WORKER_ID``: no secret in argv."""
-    return [sys.executable, "-m", f"executorlib.backend.{module}", launch.address, str(launch.worker_id)]
-
-
-def mpiexec_prefix(resources: Resources) -> list[str]:
-    """``mpiexec -n CORES`` (+ ``--oversubscribe``), after checking MPI is there."""
-    if importlib.util.find_spec("mpi4py") is None:
-        raise ModuleNotFoundError(
-            f"cores={resources.cores} runs the function under MPI, which needs mpi4py: "
-            "pip install 'executorlib[mpi]' (and an MPI library such as OpenMPI)"
-        )
-    mpiexec = shutil.which("mpiexec")
-    if mpiexec is None:
-        raise FileNotFoundError(
-            f"cores={resources.cores} needs 'mpiexec' on PATH; install OpenMPI "
-            "(e.g. apt-get install openmpi-bin) or MPICH"
-        )
-    extra = ["--oversubscribe"] if resources.openmpi_oversubscribe else []
-    return [mpiexec, "-n", str(resources.cores), *extra]
+    """Start ``executorlib.backend.<module>`` with ``ADDRESS WORKER_ID``: no secret in argv."""
+    return python_argv(module, launch.address, str(launch.worker_id))
 
 
 def worker_environment(launch: Launch) -> dict[str, str]:
-    """The worker's environment: ours, the secret, the caller's import path, threads."""
-    env = dict(os.environ)
+    """The worker's environment: a child's (processes.child_environment) and the secret."""
+    env = child_environment(launch.resources)
     env[protocol.SECRET_ENV] = launch.secret.hex()
-    env["PYTHONPATH"] = os.pathsep.join(_import_path())
-    threads = str(launch.resources.threads_per_core)
-    env.update(dict.fromkeys(_THREAD_VARIABLES, threads))
-    if os.geteuid() == 0:  # OpenMPI refuses root unless told; containers and CI run as root
-        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-    env.update(launch.resources.env)
     return env
-
-
-def _import_path() -> list[str]:
-    """The caller's script folder and working directory first, then PYTHONPATH.
-
-    Functions from the caller's own modules travel by reference, so workers started
-    in another ``cwd`` must still find those modules.
-    """
-    first = sys.path[0] or os.getcwd() if sys.path else os.getcwd()
-    rest = os.environ.get("PYTHONPATH", "").split(os.pathsep)
-    return list(dict.fromkeys(p for p in [os.path.abspath(first), os.getcwd(), *rest] if p))

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from executorlib import serialize
 from executorlib.interactive import private_env, protocol
 from executorlib.interactive.channel import WorkerConnection
 
@@ -47,8 +48,8 @@ def serve(connection: WorkerConnection, run: Runner, on_lost: Callable[[], None]
         try:
             value = run(frames)
         except BaseException as exception:  # the function's error travels back by value
-            value = protocol.Failure(exception, "")
-        if kind == protocol.INIT and not isinstance(value, protocol.Failure):
+            value = serialize.Failure(exception, "")
+        if kind == protocol.INIT and not isinstance(value, serialize.Failure):
             connection.send(protocol.READY)
         elif isinstance(value, Batch):
             for outcome in value:  # each result leaves as soon as it is there
@@ -59,7 +60,7 @@ def serve(connection: WorkerConnection, run: Runner, on_lost: Callable[[], None]
 
 class Batch:
     """The outcomes of several calls that came in one CALL message, produced lazily in
-    order: each a value, or a :class:`protocol.Failure` for a call that raised."""
+    order: each a value, or a :class:`serialize.Failure` for a call that raised."""
 
     def __init__(self, preload: Preload, calls: list) -> None:
         self._preload, self._calls = preload, calls
@@ -69,31 +70,31 @@ class Batch:
             try:
                 yield run_call(self._preload, call)
             except BaseException as exception:
-                yield protocol.Failure(exception, "")
+                yield serialize.Failure(exception, "")
 
 
 def run_message(preload: Preload, frames: list) -> Any:
     """Run what one INIT or CALL message holds in this process: one call or a Batch."""
-    message = protocol.loads(frames)
+    message = serialize.loads(frames)
     return Batch(preload, message) if isinstance(message, list) else run_call(preload, message)
 
 
 def _reply(connection: WorkerConnection, value: Any) -> None:
-    if isinstance(value, protocol.Failure):
+    if isinstance(value, serialize.Failure):
         if not value.traceback:
-            connection.send(protocol.FAILURE, protocol.dumps_failure(value.exception))
+            connection.send(protocol.FAILURE, serialize.dumps_failure(value.exception))
         else:  # already formatted (an MPI rank's)
-            connection.send(protocol.FAILURE, protocol.dumps(value))
+            connection.send(protocol.FAILURE, serialize.dumps(value))
         return
     _send_result(connection, value)
 
 
 def _send_result(connection: WorkerConnection, value: Any) -> None:
     try:
-        reply = protocol.dumps(value)
+        reply = serialize.dumps(value)
     except Exception as error:
         failure = TypeError(f"the function's result could not be pickled: {error}")
-        connection.send(protocol.FAILURE, protocol.dumps_failure(failure))
+        connection.send(protocol.FAILURE, serialize.dumps_failure(failure))
         return
     connection.send(protocol.RESULT, reply)
 
