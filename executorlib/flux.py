@@ -22,7 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from executorlib.executor import Options, WorkerExecutor
+from executorlib.executor import AllocationExecutor
 from executorlib.flux_job import FluxJob
 from executorlib.flux_spec import (
     FluxSettings,
@@ -30,12 +30,12 @@ from executorlib.flux_spec import (
     check_resources,
     is_parallel,
     needs_plugin,
-    pmi_option,
     with_private_environment,
     worker_job,
 )
 from executorlib.interactive import private_env
 from executorlib.interactive.spawner import Launch
+from executorlib.options import parse_options, pmi_option, shared_options
 from executorlib.resources import Resources
 
 __all__ = ["FluxJobExecutor", "FluxSpawner", "load_flux"]
@@ -80,6 +80,7 @@ class FluxSpawner:
     """Starts each worker as a Flux job through a ``flux.job.FluxExecutor``."""
 
     name = "flux"
+    spares = False  # an idle spare job would hold cores a nested executor needs
 
     def __init__(self, settings: FluxSettings, flux_executor: Any = None) -> None:
         self._flux = load_flux(need_instance=flux_executor is None)
@@ -213,12 +214,13 @@ def _job_id(future: Any, timeout: float) -> Any:
         return None
 
 
-class FluxJobExecutor(WorkerExecutor):
+@shared_options()
+class FluxJobExecutor(AllocationExecutor):
     """Runs each worker as a Flux job in the enclosing Flux instance.
 
-    Options of ``SingleNodeExecutor`` (see ``executorlib.executor``) plus
     pmi_mode (alias flux_executor_pmi_mode): the job shell's PMI; unset is Flux's own
-    (simple PMI, which OpenMPI 4.1 and MPICH use), ``"pmix"`` needs flux-pmix;
+    (simple PMI, which OpenMPI 4.1 and MPICH use), ``"pmix"`` needs flux-pmix, and a
+    PMI the instance cannot serve fails MPI calls with a one-line error;
     flux_executor: a ``flux.job.FluxExecutor`` to submit through (default: our own);
     flux_executor_nesting: start each worker in a nested Flux instance of its own, so
     the function can open a ``FluxJobExecutor`` there;
@@ -233,34 +235,20 @@ class FluxJobExecutor(WorkerExecutor):
         self,
         max_workers: int | None = None,
         *,
-        max_cores: int | None = None,
-        cache_directory: str | None = None,
-        resource_dict: dict | None = None,
-        block_allocation: bool = False,
-        init_function: Callable[[], dict] | None = None,
-        disable_dependencies: bool = False,
-        hostname_localhost: bool | None = None,
-        plot_dependency_graph: bool = False,
-        plot_dependency_graph_filename: str | None = None,
         pmi_mode: str | None = None,
         flux_executor_pmi_mode: str | None = None,
         flux_executor: Any = None,
         flux_executor_nesting: bool = False,
         flux_log_files: bool = False,
-        refresh_rate: float | None = None,
-        backend: str | None = None,
+        **options: Any,
     ) -> None:
+        options = parse_options(type(self).__name__, {**options, "max_workers": max_workers})
         settings = FluxSettings(
             pmi_option(pmi_mode, flux_executor_pmi_mode), flux_executor_nesting, flux_log_files
         )
         self._spawner = FluxSpawner(settings, flux_executor)
         self._instance_cores: int | None = None
-        options = Options(
-            max_workers, max_cores, cache_directory, Resources.from_dict(resource_dict),
-            block_allocation, init_function, disable_dependencies, hostname_localhost,
-            plot_dependency_graph, plot_dependency_graph_filename,
-        )
-        host = "127.0.0.1" if hostname_localhost else None
+        host = "127.0.0.1" if options.hostname_localhost else None
         self._setup(options, lambda: self._scheduler_for(self._spawner, host))
 
     def _check_fits(self, resources: Resources) -> None:

@@ -93,19 +93,6 @@ def check_resources(resources: Resources) -> None:
         )
 
 
-def pmi_option(pmi_mode: str | None, flux_executor_pmi_mode: str | None) -> str | None:
-    """``pmi_mode`` and its older name ``flux_executor_pmi_mode`` as one value."""
-    if pmi_mode is not None and flux_executor_pmi_mode is not None and pmi_mode != flux_executor_pmi_mode:
-        raise ValueError(
-            f"pmi_mode={pmi_mode!r} and flux_executor_pmi_mode={flux_executor_pmi_mode!r} disagree; "
-            "they are the same option, give only pmi_mode"
-        )
-    value = pmi_mode if pmi_mode is not None else flux_executor_pmi_mode
-    if value is not None and (not isinstance(value, str) or not value):
-        raise ValueError(f"pmi_mode must be the name of a Flux PMI, e.g. 'pmix', got {value!r}")
-    return value
-
-
 def needs_plugin(pmi_mode: str | None) -> bool:
     """Whether ``pmi_mode`` names a PMI that only a job shell plugin can serve."""
     if pmi_mode is None:

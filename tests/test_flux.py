@@ -29,13 +29,13 @@ from executorlib.flux_spec import (
     check_resources,
     jobspec_for,
     needs_plugin,
-    pmi_option,
     with_private_environment,
     worker_job,
 )
 from executorlib.interactive import private_env, protocol
 from executorlib.interactive.per_task import PerTaskScheduler
 from executorlib.interactive.spawner import Launch
+from executorlib.options import pmi_option
 from executorlib.processes import python_argv
 from executorlib.resources import Resources
 from executorlib.task import Task
