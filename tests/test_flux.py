@@ -356,3 +356,27 @@ def test_pmi_modes_flux_serves_itself_need_no_plugin():
     assert not needs_plugin(None)
     assert not any(needs_plugin(mode) for mode in ("simple", "pmi1", "pmi2", "pmix,simple"))
     assert all(needs_plugin(mode) for mode in ("pmix", "cray-pals", "bogus"))
+
+
+# ------------------------------------------------------- finding Flux for the tests
+def test_find_flux_without_flux_or_build_script_says_where_flux_comes_from(tmp_path):
+    """A machine with neither Flux nor ../shared/flux/build.sh: no silent skip."""
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    script = repo / "scripts" / "find-flux"
+    script.write_bytes((Path(__file__).parent.parent / "scripts" / "find-flux").read_bytes())
+    script.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "FLUX_PREFIX": str(tmp_path / "no-flux"), "HOME": str(tmp_path)}
+    done = subprocess.run([str(script)], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 1 and done.stdout == ""
+    for where in ("module load flux", "spack install flux-core flux-pmix", "conda install -c conda-forge"):
+        assert where in done.stderr.replace("\nfind-flux: ", " ")
+
+
+def test_find_flux_gives_a_flux_with_its_python_bindings():
+    script = Path(__file__).parent.parent / "scripts" / "find-flux"
+    found = subprocess.run([str(script)], capture_output=True, text=True, timeout=900)
+    assert found.returncode == 0, f"no Flux here: {found.stderr}"
+    check = "command -v flux && python3 -c 'import flux.job; print(flux.job.JobspecV1.__name__)'"
+    done = subprocess.run(["bash", "-c", f"{found.stdout}\n{check}"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.split()[-1] == "JobspecV1", done.stderr
