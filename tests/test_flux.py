@@ -378,5 +378,6 @@ def test_find_flux_gives_a_flux_with_its_python_bindings():
     found = subprocess.run([str(script)], capture_output=True, text=True, timeout=900)
     assert found.returncode == 0, f"no Flux here: {found.stderr}"
     check = "command -v flux && python3 -c 'import flux.job; print(flux.job.JobspecV1.__name__)'"
-    done = subprocess.run(["bash", "-c", f"{found.stdout}\n{check}"], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(["bash", "-c", f"{found.stdout}\n{check}"], capture_output=True, text=True,
+                          timeout=60)
     assert done.returncode == 0 and done.stdout.split()[-1] == "JobspecV1", done.stderr
