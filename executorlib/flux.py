@@ -28,7 +28,6 @@ from executorlib.flux_spec import (
     FluxSettings,
     JobRequest,
     check_resources,
-    is_parallel,
     needs_plugin,
     with_private_environment,
     worker_job,
@@ -90,10 +89,14 @@ class FluxSpawner:
         self._handle = None
         self._handle_lock = threading.Lock()  # a flux.Flux handle is not thread-safe
         self._private: private_env.PrivateDirectory | None = None
-        self._pmi_checked = not needs_plugin(settings.pmi_mode)
-        self._pmi_error: str | None = None  # why the instance cannot serve pmi_mode
         self._tag = str(os.getpid())
         self.bind_host = socket.gethostname()
+        if needs_plugin(settings.pmi_mode):  # here, before any worker holds a core
+            try:
+                self.check_pmi()
+            except BaseException:
+                self.close()
+                raise
 
     def _with_handle(self, action: Callable[[Any], Any]) -> Any:
         with self._handle_lock:
@@ -107,8 +110,6 @@ class FluxSpawner:
         return int(listing.up.ncores)
 
     def start(self, launch: Launch) -> FluxJob:
-        if not self._pmi_checked and is_parallel(launch, self._settings):
-            self._check_pmi_once()
         request = worker_job(launch, self._settings, self._tag)
         os.makedirs(request.cwd, exist_ok=True)
         request, private_file = self._move_secrets(request, launch.worker_id)
@@ -158,19 +159,12 @@ class FluxSpawner:
         )
         return output.stderr
 
-    def _check_pmi_once(self) -> None:
-        if self._pmi_error is None:
-            try:
-                self.check_pmi()
-            except RuntimeError as error:
-                self._pmi_error = str(error)
-        if self._pmi_error is not None:
-            raise RuntimeError(self._pmi_error)  # a new one for every call it fails
-
     def check_pmi(self) -> None:
         """Run one tiny job with the executor's ``pmi`` shell option and check that some
         PMI server answered it (Flux's job shell ignores a name it does not know, and
-        MPI then fails in ``PMI_Init``); raise a one-line error if none did."""
+        MPI then fails in ``PMI_Init``); raise a one-line error if none did. Done when
+        the executor is made, in the caller's thread, so no worker of ours holds the
+        cores the probe needs."""
         mode = self._settings.pmi_mode
         request = JobRequest(("printenv",), 1, 1, None, None, False, os.getcwd(),
                              environment={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
@@ -186,7 +180,6 @@ class FluxSpawner:
                 "does not know): leave pmi_mode unset for Flux's own PMI (OpenMPI 4.1, MPICH), "
                 "or install flux-pmix for pmi_mode='pmix'"
             )
-        self._pmi_checked = True
 
     def _cancel(self, future: Future) -> None:
         if future.cancel():  # not submitted yet
@@ -220,7 +213,7 @@ class FluxJobExecutor(AllocationExecutor):
 
     pmi_mode (alias flux_executor_pmi_mode): the job shell's PMI; unset is Flux's own
     (simple PMI, which OpenMPI 4.1 and MPICH use), ``"pmix"`` needs flux-pmix, and a
-    PMI the instance cannot serve fails MPI calls with a one-line error;
+    PMI the instance cannot serve is a one-line RuntimeError here (one probe job);
     flux_executor: a ``flux.job.FluxExecutor`` to submit through (default: our own);
     flux_executor_nesting: start each worker in a nested Flux instance of its own, so
     the function can open a ``FluxJobExecutor`` there;
