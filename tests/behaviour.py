@@ -232,7 +232,9 @@ class BehaviourSuite:
         exe = self.executor(max_workers=1, block_allocation=True)
         running = exe.submit(sleep_then, 1, "done")
         queued = [exe.submit(add, i) for i in range(5)]
-        time.sleep(0.3)
+        deadline = time.monotonic() + 120  # the worker is up (a Flux job may take seconds)
+        while not running.running() and not running.done() and time.monotonic() < deadline:
+            time.sleep(0.01)
         exe.shutdown(wait=True, cancel_futures=True)
         assert running.result(timeout=60) == "done"
         # a busy worker holds one call sent ahead (as ProcessPoolExecutor does): that one runs
