@@ -10,7 +10,7 @@ import pickle
 from mpi4py import MPI
 
 from executorlib import serialize
-from executorlib.interactive.worker import Preload, connect_from_argv, run_call, serve
+from executorlib.interactive.worker import Preload, connect_from_argv, die_with_parent, run_call, serve
 
 COMM = MPI.COMM_WORLD
 
@@ -34,6 +34,7 @@ def run_everywhere(preload: Preload, frames: list) -> list | serialize.Failure:
 
 
 def main() -> None:
+    die_with_parent()
     preload = Preload()
     if COMM.Get_rank() == 0:
         serve(connect_from_argv(), lambda frames: run_everywhere(preload, frames), lambda: os._exit(1))

@@ -2,10 +2,11 @@
 
 import os
 
-from executorlib.interactive.worker import Preload, connect_from_argv, run_message, serve
+from executorlib.interactive.worker import Preload, connect_from_argv, die_with_parent, run_message, serve
 
 
 def main() -> None:
+    die_with_parent()
     connection = connect_from_argv()
     preload = Preload()
     serve(connection, lambda frames: run_message(preload, frames), lambda: os._exit(1))

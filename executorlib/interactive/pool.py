@@ -1,32 +1,44 @@
 """Block allocation: a fixed set of long-lived workers, each serving call after call.
 
-While every worker is busy and calls wait, each worker is sent one call ahead, so it
-never sits idle between calls (the standard library's pool queues ahead the same way);
-that call counts as running and can no longer be cancelled. While a long queue waits (at
-least 16 calls per worker), calls travel eight to a message, which halves the messages
-per call; each result still comes back on its own as soon as it is there.
+No call waits behind another while a worker is idle: with several workers, a worker
+gets its next call only once it is free. A call handed to a busy worker could not be
+taken back when another worker falls idle (a worker reads its next message only when
+its call returns), so a quick call could wait minutes behind a long one. A pool of one
+worker has no one to wait for: there, while calls wait, the worker is sent one call
+ahead, so it never sits idle between calls (the standard library's pool queues ahead
+the same way; that call counts as running and can no longer be cancelled), and while a
+long queue waits (at least 16 calls), calls travel eight to a message, which halves
+the messages per call; each result still comes back on its own as soon as it is there.
+When a worker dies, the call it was running fails; calls sent ahead that it never
+started go back to the queue (scheduler.py).
 
 ``init_function`` runs once per worker when it connects; a worker is idle only after
-that. A worker that ends is replaced. If workers die before they ever connect, or
-``init_function`` fails, the pool is broken: every queued and later call fails with the
-reason instead of waiting for a worker that will never come.
+that. A worker that ends is replaced. Starting one may fail for a moment (too many open
+files): the pool tries again, backing off, and is broken only after several failures
+in a row, as when workers die before they ever connect, or ``init_function`` fails:
+every queued and later call then fails with the reason instead of waiting for a worker
+that will never come.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
 from executorlib import serialize
-from executorlib.dependencies import settle
+from executorlib.dependencies import claim, settle
 from executorlib.errors import WorkerDiedError, with_remote_traceback
 from executorlib.interactive import protocol
 from executorlib.interactive.scheduler import ResultCache, Scheduler, Spawner, Worker
 from executorlib.resources import Resources
 
-_START_FAILURES_BEFORE_BROKEN = 3
-_CALLS_PER_WORKER = 2  # a worker gets more once it holds fewer calls than this
+_START_FAILURES_BEFORE_BROKEN = 5  # in a row: failed spawns and workers dead before connecting
+_RETRY_FIRST_S = 0.1  # back-off before the next start, doubled per failure: 0.1 ... 1.6 s
+_CALLS_AHEAD = 1  # a lone worker gets one call beyond the one it runs
 _MAX_BATCH = 8  # calls in one message when many wait
+_log = logging.getLogger("executorlib")
 
 
 class PoolScheduler(Scheduler):
@@ -44,11 +56,11 @@ class PoolScheduler(Scheduler):
         self._ready: list[Worker] = []
         self._broken: BaseException | None = None
         self._start_failures = 0
+        self._missing = 0  # workers to start again when the back-off timer comes
 
-    def start(self) -> None:
+    def _on_start(self) -> None:
         for _ in range(self._size):
             self._spawn(self._resources)
-        super().start()
 
     def _schedule(self) -> None:
         if self._broken is not None:
@@ -59,28 +71,29 @@ class PoolScheduler(Scheduler):
             batch = []
             while self._pending and len(batch) < self._batch_size():
                 task = self._pending.popleft()
-                if task.future.set_running_or_notify_cancel():
+                if claim(task.future):
                     batch.append(task)
             self._send_calls(worker, batch)
 
     def _batch_size(self) -> int:
-        """Calls per message: _MAX_BATCH while at least twice that many wait per worker
-        (a long queue of calls), else one; MPI workers take one call at a time."""
-        if self._resources.cores > 1:
+        """Calls per message: _MAX_BATCH for a lone worker while at least twice that
+        many wait, else one; MPI workers take one call at a time."""
+        if self._resources.cores > 1 or self._size > 1:
             return 1
-        share = len(self._pending) // max(1, len(self._ready))
-        return _MAX_BATCH if share >= 2 * _MAX_BATCH else 1
+        return _MAX_BATCH if len(self._pending) >= 2 * _MAX_BATCH else 1
 
     def _least_busy(self) -> Worker | None:
+        """An idle worker; a lone worker also while it holds fewer calls than 1 + ahead."""
+        capacity = 1 + (_CALLS_AHEAD if self._size == 1 else 0)
         worker = min(self._ready, key=lambda w: len(w.tasks), default=None)
-        return worker if worker is not None and len(worker.tasks) < _CALLS_PER_WORKER else None
+        return worker if worker is not None and len(worker.tasks) < capacity else None
 
     def _on_connected(self, worker: Worker) -> None:
         self._start_failures = 0
         if self._init_frames is None:
             self._on_ready(worker)
         else:
-            self._socket.send(worker.peer, protocol.INIT, self._init_frames)
+            self._send(worker, protocol.INIT, self._init_frames)
 
     def _on_ready(self, worker: Worker) -> None:
         worker.ready = True
@@ -92,31 +105,67 @@ class PoolScheduler(Scheduler):
     def _on_message(self, peer: Any, kind: bytes, frames: list) -> None:
         worker = self._workers.get(peer.worker_id)
         if kind == protocol.FAILURE and worker is not None and not worker.ready:
-            failure = serialize.loads(frames)  # init_function raised
-            self._broken = with_remote_traceback(failure.exception, failure.traceback)
+            self._broken = _init_error(worker, frames)
             worker.process.stop()
             return
         super()._on_message(peer, kind, frames)
 
-    def _on_worker_gone(self, worker: Worker) -> None:
+    def _on_connection_lost(self, worker: Worker) -> None:
         if worker in self._ready:
             self._ready.remove(worker)
+
+    def _on_worker_gone(self, worker: Worker) -> None:
+        self._on_connection_lost(worker)
         if self._stopping or self._broken is not None:
             return
         if worker.peer is None:
-            self._start_failures += 1
-            if self._start_failures >= _START_FAILURES_BEFORE_BROKEN:
-                self._broken = WorkerDiedError(
-                    f"{_START_FAILURES_BEFORE_BROKEN} workers in a row ended before connecting; "
-                    f"the last: {worker.describe()} {worker.process.how_it_ended()}"
-                )
-                return
-        self._spawn(self._resources)
+            self._count_start_failure(
+                f"workers ended before connecting; the last: {worker.describe()} "
+                f"{worker.process.how_it_ended()}"
+            )
+        else:
+            self._spawn(self._resources)
 
     def _on_start_failure(self, error: Exception) -> None:
-        self._broken = error
+        self._count_start_failure(f"starting a worker failed: {type(error).__name__}: {error}", error)
+
+    def _count_start_failure(self, what: str, error: Exception | None = None) -> None:
+        """Start a worker again after a back-off; broken after too many failures in a row."""
+        self._start_failures += 1
+        if self._start_failures >= _START_FAILURES_BEFORE_BROKEN:
+            self._broken = WorkerDiedError(f"{self._start_failures} times in a row {what}")
+            self._broken.__cause__ = error
+            return
+        delay = _RETRY_FIRST_S * 2 ** (self._start_failures - 1)
+        _log.warning("executorlib: %s; trying again in %.1f s (%d of %d)", what, delay,
+                     self._start_failures, _START_FAILURES_BEFORE_BROKEN)
+        self._missing += 1
+        if self._timer is None:
+            self._timer = time.monotonic() + delay
+
+    def _on_timer(self) -> None:
+        missing, self._missing = self._missing, 0
+        for _ in range(missing):
+            if self._stopping or self._broken is not None:
+                return
+            self._spawn(self._resources)
 
     def _broken_error(self) -> BaseException:
         error = WorkerDiedError(f"the worker pool cannot start workers: {self._broken}")
         error.__cause__ = self._broken
         return error
+
+
+def _init_error(worker: Worker, frames: list) -> BaseException:
+    """init_function's exception from its FAILURE (a clear error if it won't unpickle)."""
+    try:
+        failure = serialize.loads(frames)
+        return with_remote_traceback(failure.exception, failure.traceback)
+    except BaseException as error:  # noqa: BLE001 - reported as the pool's reason
+        reason = RuntimeError(
+            f"init_function failed on {worker.describe()}, and its exception could not be "
+            f"unpickled here ({type(error).__name__}: {error}); make the exception "
+            "picklable, or catch it inside init_function"
+        )
+        reason.__cause__ = error
+        return reason

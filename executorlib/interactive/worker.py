@@ -14,6 +14,7 @@ from typing import Any
 from executorlib import serialize
 from executorlib.interactive import protocol
 from executorlib.interactive.channel import WorkerConnection
+from executorlib.interactive.encoding import split_batch
 
 CONNECT_TIMEOUT_ENV = "EXECUTORLIB_CONNECT_TIMEOUT"
 # What runs a Call on this worker: one process, or every MPI rank (returning a list).
@@ -33,6 +34,18 @@ def connect_from_argv() -> WorkerConnection:
             f"executorlib worker {worker_id} on {host}: {error}. If this worker runs on another "
             "node than the executor, do not use hostname_localhost=True."
         )
+
+
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when its parent ends (PR_SET_PDEATHSIG),
+    so a worker never outlives the executor (or its mpiexec, srun step, Flux shell),
+    even while a call holds the GIL and the watchdog thread cannot run."""
+    import ctypes
+
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
+    if os.getppid() != parent:  # the parent ended before the signal was set
+        os._exit(1)
 
 
 def serve(connection: WorkerConnection, run: Runner, on_lost: Callable[[], None]) -> None:
@@ -59,15 +72,16 @@ def serve(connection: WorkerConnection, run: Runner, on_lost: Callable[[], None]
 
 class Batch:
     """The outcomes of several calls that came in one CALL message, produced lazily in
-    order: each a value, or a :class:`serialize.Failure` for a call that raised."""
+    order: each a value, or a :class:`serialize.Failure` for a call that raised or
+    could not be unpickled here (each call is unpickled on its own: encoding.py)."""
 
-    def __init__(self, preload: Preload, calls: list) -> None:
+    def __init__(self, preload: Preload, calls: list[list]) -> None:
         self._preload, self._calls = preload, calls
 
     def __iter__(self):
-        for call in self._calls:
+        for frames in self._calls:
             try:
-                yield run_call(self._preload, call)
+                yield run_call(self._preload, serialize.loads(frames))
             except BaseException as exception:
                 yield serialize.Failure(exception, "")
 
@@ -75,7 +89,9 @@ class Batch:
 def run_message(preload: Preload, frames: list) -> Any:
     """Run what one INIT or CALL message holds in this process: one call or a Batch."""
     message = serialize.loads(frames)
-    return Batch(preload, message) if isinstance(message, list) else run_call(preload, message)
+    if isinstance(message, list):
+        return Batch(preload, split_batch(message, frames[1:]))
+    return run_call(preload, message)
 
 
 def _reply(connection: WorkerConnection, value: Any) -> None:
@@ -92,7 +108,7 @@ def _send_result(connection: WorkerConnection, value: Any) -> None:
     try:
         reply = serialize.dumps(value)
     except Exception as error:
-        failure = TypeError(f"the function's result could not be pickled: {error}")
+        failure = serialize.SerializationError(f"the function's result could not be pickled: {error}")
         connection.send(protocol.FAILURE, serialize.dumps_failure(failure))
         return
     connection.send(protocol.RESULT, reply)
