@@ -35,6 +35,22 @@ def sleep_then(seconds, value=None):
     return value
 
 
+def wait_for(path, timeout=120):
+    """Wait until the file ``path`` exists (an event a call or the test makes)."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear within {timeout} s")
+        time.sleep(0.01)
+
+
+def started_then_wait(started, release, value=None):
+    """Signal that the call runs, then hold its worker until ``release`` exists."""
+    open(started, "a").close()
+    wait_for(release)
+    return value
+
+
 def die(code):
     os._exit(code)
 
@@ -228,12 +244,15 @@ class BehaviourSuite:
         with pytest.raises(RuntimeError, match="after shutdown"):
             exe.submit(add, 1, 1)
 
-    def test_cancel_futures_cancels_queued_calls(self):
+    def test_cancel_futures_cancels_queued_calls(self, tmp_path):
+        started, release = tmp_path / "started", tmp_path / "release"
         exe = self.executor(max_workers=1, block_allocation=True)
-        running = exe.submit(sleep_then, 1, "done")
+        running = exe.submit(started_then_wait, str(started), str(release), "done")
         queued = [exe.submit(add, i) for i in range(5)]
-        time.sleep(0.3)
-        exe.shutdown(wait=True, cancel_futures=True)
+        wait_for(started)  # however long a worker takes to start here
+        exe.shutdown(wait=False, cancel_futures=True)
+        release.touch()
+        exe.shutdown(wait=True)
         assert running.result(timeout=60) == "done"
         # a busy worker holds one call sent ahead (as ProcessPoolExecutor does): that one runs
         assert sum(not f.cancelled() for f in queued) <= 1

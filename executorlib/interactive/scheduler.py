@@ -34,7 +34,7 @@ import weakref
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import zmq
 
@@ -44,46 +44,15 @@ from executorlib.errors import ExecutorShutdownError, WorkerDiedError, with_remo
 from executorlib.interactive import protocol
 from executorlib.interactive.channel import ExecutorSocket, Peer
 from executorlib.interactive.encoding import CallEncoder
-from executorlib.interactive.spawner import Launch, WorkerProcess
+from executorlib.interactive.parts import ResultCache, Spawner, Worker
+from executorlib.interactive.spawner import Launch
 from executorlib.resources import Resources
 from executorlib.task import Task
 
+__all__ = ["ResultCache", "Scheduler", "Spawner", "Worker"]
+
 _EXIT_GRACE_MS = 5_000
 _LIVE: weakref.WeakSet[Scheduler] = weakref.WeakSet()
-
-
-class Spawner(Protocol):
-    """Starts workers: local processes, srun steps, Flux jobs."""
-
-    bind_host: str
-    name: str
-
-    def start(self, launch: Launch) -> WorkerProcess: ...
-
-
-class ResultCache(Protocol):
-    """Optional result cache between "inputs ready" and "run" (see cache.py)."""
-
-    def load(self, task: Task) -> bool: ...
-
-    def store(self, task: Task, value: Any) -> None: ...
-
-
-@dataclass(eq=False)
-class Worker:
-    """The manager's view of one worker process."""
-
-    worker_id: int
-    resources: Resources
-    process: WorkerProcess
-    peer: Peer | None = None
-    tasks: deque[Task] = field(default_factory=deque)  # sent (or to send), oldest first
-    ready: bool = False  # connected, and init_function done where there is one
-    stopping: bool = False
-
-    def describe(self) -> str:
-        where = f" on {self.peer.host} (pid {self.peer.pid})" if self.peer else ""
-        return f"worker {self.worker_id}{where}"
 
 
 @dataclass
