@@ -8,10 +8,12 @@ through to our stderr while the last lines are kept for error messages.
 
 Every worker dies with the executor, whatever its call is doing (a C loop that holds
 the GIL included): the kernel sends it a parent-death signal (``PR_SET_PDEATHSIG``).
-A Python worker sets it for itself at start (worker.die_with_parent); a launcher we
-start (``mpiexec``, ``srun``) gets SIGTERM through a tiny wrapper that sets it and
-then execs the launcher, and a launcher's SIGTERM ends its ranks or its step; each
-rank, whose parent is the launcher, sets its own too.
+A Python worker sets it for itself at start (worker.die_with_parent: it ends within 16 s,
+after its watchdog had the chance to clean up); a launcher we start (``mpiexec``,
+``srun``) gets SIGTERM through a tiny wrapper that sets it and then execs the launcher,
+and a launcher's SIGTERM ends its ranks or its step; each rank, whose parent is the
+launcher, sets its own too. Workers are started from the manager thread, which
+outlives them: the "parent" of a parent-death signal is the thread that started it.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from executorlib.interactive.channel import WorkerConnection
 from executorlib.interactive.encoding import split_batch
 
 CONNECT_TIMEOUT_ENV = "EXECUTORLIB_CONNECT_TIMEOUT"
+_PARENT_DEATH_SIGNAL = 16  # SIGSTKFLT; also the seconds until SIGALRM (die_with_parent)
 # What runs a Call on this worker: one process, or every MPI rank (returning a list).
 Runner = Callable[[list], Any]
 
@@ -37,13 +38,21 @@ def connect_from_argv() -> WorkerConnection:
 
 
 def die_with_parent() -> None:
-    """Have the kernel SIGKILL this process when its parent ends (PR_SET_PDEATHSIG),
-    so a worker never outlives the executor (or its mpiexec, srun step, Flux shell),
-    even while a call holds the GIL and the watchdog thread cannot run."""
+    """Make sure this process ends within seconds of its parent (the executor, or its
+    mpiexec, srun step or Flux shell), even while a call holds the GIL.
+
+    The kernel sends SIGSTKFLT (16, unused on Linux) when the parent ends
+    (PR_SET_PDEATHSIG); its handler is libc's ``alarm`` itself, so, without the GIL,
+    SIGALRM ends the process 16 seconds later. Until then the watchdog thread (when the
+    interpreter is responsive) sweeps this worker's shared-memory files and exits.
+    """
     import ctypes
 
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.signal.argtypes, libc.signal.restype = [ctypes.c_int, ctypes.c_void_p], ctypes.c_void_p
     parent = os.getppid()
-    ctypes.CDLL(None, use_errno=True).prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
+    libc.signal(_PARENT_DEATH_SIGNAL, ctypes.cast(libc.alarm, ctypes.c_void_p))  # alarm(16)
+    libc.prctl(1, _PARENT_DEATH_SIGNAL, 0, 0, 0)  # PR_SET_PDEATHSIG
     if os.getppid() != parent:  # the parent ended before the signal was set
         os._exit(1)
 
