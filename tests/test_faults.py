@@ -22,7 +22,7 @@ from concurrent.futures import Future, as_completed, wait
 
 import psutil
 import pytest
-from behaviour import add, started_then_wait, wait_for
+from behaviour import add, started_then_wait, wait_for, worker_connections
 
 from executorlib import Executor
 from executorlib.errors import WorkerDiedError
@@ -31,27 +31,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 # ------------------------------------------------------- functions the workers run
-def _worker_connections():
-    from executorlib.interactive.channel import WorkerConnection
-
-    return [o for o in gc.get_objects() if isinstance(o, WorkerConnection)]
-
-
-def lose_connection_then_exit(started, release):
-    """The dead-worker window: the connection to the executor is closed while the
-    process lives on (as when mpiexec or srun outlive rank 0 for a moment)."""
-    real_exit = os._exit
-    os._exit = lambda code: None  # the watchdog must not end this process yet
-    for connection in _worker_connections():
-        connection.socket.close(linger=0)
-    open(started, "a").close()
-    wait_for(release)
-    real_exit(3)
-
-
 def die_once_next_call_arrives():
     """Exit as soon as the executor has sent this worker a call ahead."""
-    connection = _worker_connections()[0]
+    connection = worker_connections()[0]
     connection.socket.poll(120_000)
     os._exit(5)
 
@@ -180,27 +162,6 @@ def test_dependent_whose_release_raises_fails_with_that_error():
             assert exe.submit(add, 2, 2).result(timeout=60) == 4
         finally:
             exe.shutdown(wait=False, cancel_futures=True)
-
-
-# ----------------------------------------------------- 4: the dead-worker window
-@pytest.mark.parametrize("cores", [1, 2])
-def test_call_sent_while_connection_is_closed_runs_elsewhere(tmp_path, cores):
-    started, release = tmp_path / "started", tmp_path / "release"
-    options = {"max_workers": 1, "block_allocation": True, "max_cores": cores,
-               "resource_dict": {"cores": cores}}
-    with Executor(**options) as exe:
-        try:
-            lost = exe.submit(lose_connection_then_exit, str(started), str(release))
-            wait_for(started)
-            later = exe.submit(add, 1, 2)  # sent into the closed connection, or queued
-            release.touch()
-            with pytest.raises(WorkerDiedError):
-                lost.result(timeout=90)
-            expected = 3 if cores == 1 else [3] * cores
-            assert later.result(timeout=90) == expected
-            assert exe.submit(add, 2, 2).result(timeout=90) == (4 if cores == 1 else [4] * cores)
-        finally:
-            release.touch()
 
 
 # ------------------------------------------------------------ 5: stderr relay
