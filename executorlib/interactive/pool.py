@@ -13,7 +13,12 @@ When a worker dies, the call it was running fails; calls sent ahead that it neve
 started go back to the queue (scheduler.py).
 
 ``init_function`` runs once per worker when it connects; a worker is idle only after
-that. A worker that ends is replaced. Starting one may fail for a moment (too many open
+that. Workers are numbered 0 ... size-1 (a function that declares a parameter
+``executorlib_worker_id`` receives the number; worker.py); a worker that ends is
+replaced under its number, up to ``restart_limit`` times (None: always). ``resize``
+changes the size of a running pool: more starts workers; fewer stops idle workers first
+and busy ones after their call, so no call is lost or run twice (numbers then stay
+unique, below the largest size the pool had). Starting one may fail for a moment (too many open
 files): the pool tries again, backing off, and is broken only after several failures
 in a row, as when workers die before they ever connect, or ``init_function`` fails:
 every queued and later call then fails with the reason instead of waiting for a worker
@@ -22,6 +27,7 @@ that will never come.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -47,20 +53,66 @@ class PoolScheduler(Scheduler):
     def __init__(
         self, spawner: Spawner, resources: Resources, size: int,
         init_function: Callable[[], dict] | None = None, host: str | None = None,
-        cache: ResultCache | None = None,
+        cache: ResultCache | None = None, restart_limit: int | None = None,
     ) -> None:
         super().__init__(spawner, host, cache)
         self._resources = resources
-        self._size = size
+        self._size = self._requested_size = size
+        self._restart_limit = restart_limit
+        self._restarts = 0
+        self._retiring: set[Worker] = set()  # to stop once their calls are done
         self._init_frames = serialize.dumps(init_function, by_value=True) if init_function else None
         self._ready: list[Worker] = []
         self._broken: BaseException | None = None
         self._start_failures = 0
-        self._missing = 0  # workers to start again when the back-off timer comes
+        self._missing: set[int] = set()  # worker numbers to start when the back-off timer comes
+
+    @property
+    def size(self) -> int:
+        """The number of workers the pool keeps (or is about to keep, after a resize)."""
+        return self._requested_size
+
+    def resize(self, size: int) -> None:
+        """Keep ``size`` workers from now on (any thread; done by the manager thread)."""
+        self._requested_size = size
+        self.run_in_manager(lambda: self._resize(size))
 
     def _on_start(self) -> None:
-        for _ in range(self._size):
-            self._spawn(self._resources)
+        self._fill()
+
+    def _fill(self) -> None:
+        """Start workers until ``size`` run or start, under the lowest free numbers."""
+        active = sum(w not in self._retiring for w in self._workers.values()) + len(self._missing)
+        free = (i for i in itertools.count() if i not in self._workers and i not in self._missing)
+        for _ in range(self._size - active):
+            self._start(next(free))
+
+    def _start(self, worker_id: int) -> None:
+        self._missing.discard(worker_id)
+        if not self._stopping and self._broken is None:
+            self._spawn(self._resources, worker_id=worker_id)
+
+    def _resize(self, size: int) -> None:
+        self._size = size
+        live = [w for w in self._workers.values() if w not in self._retiring and not w.stopping]
+        surplus = len(live) + len(self._missing) - size
+        while surplus > 0 and self._missing:  # not started yet: simply not started
+            self._missing.discard(max(self._missing))
+            surplus -= 1
+        for worker in sorted(live, key=lambda w: (bool(w.tasks), w.ready))[:max(0, surplus)]:
+            self._retire(worker)  # idle ones first, then those still starting, then busy
+        self._fill()
+
+    def _retire(self, worker: Worker) -> None:
+        """Give ``worker`` no more calls; stop it once it holds none."""
+        self._on_connection_lost(worker)
+        self._retiring.add(worker)
+        if worker.peer is None:
+            worker.stopping = True
+            worker.process.stop()
+        elif not worker.tasks:
+            worker.stopping = True
+            self._send(worker, protocol.STOP)
 
     def _schedule(self) -> None:
         if self._broken is not None:
@@ -97,10 +149,14 @@ class PoolScheduler(Scheduler):
 
     def _on_ready(self, worker: Worker) -> None:
         worker.ready = True
-        self._ready.append(worker)
+        if worker not in self._retiring:
+            self._ready.append(worker)
 
     def _on_task_done(self, worker: Worker) -> None:
-        """The worker takes the next call in ``_schedule``."""
+        """The worker takes the next call in ``_schedule``, or stops if it retires."""
+        if worker in self._retiring and not worker.tasks and not worker.stopping:
+            worker.stopping = True
+            self._send(worker, protocol.STOP)
 
     def _on_message(self, peer: Any, kind: bytes, frames: list) -> None:
         worker = self._workers.get(peer.worker_id)
@@ -116,20 +172,31 @@ class PoolScheduler(Scheduler):
 
     def _on_worker_gone(self, worker: Worker) -> None:
         self._on_connection_lost(worker)
-        if self._stopping or self._broken is not None:
+        if worker in self._retiring or self._stopping or self._broken is not None:
+            self._retiring.discard(worker)
             return
         if worker.peer is None:
             self._count_start_failure(
                 f"workers ended before connecting; the last: {worker.describe()} "
-                f"{worker.process.how_it_ended()}"
+                f"{worker.process.how_it_ended()}", worker_id=worker.worker_id,
+            )
+        elif self._restart_limit is not None and self._restarts >= self._restart_limit:
+            self._broken = WorkerDiedError(
+                f"restart_limit={self._restart_limit} reached: {worker.describe()} ended "
+                f"({worker.process.how_it_ended()}) after {self._restarts} replacements"
             )
         else:
-            self._spawn(self._resources)
+            self._restarts += 1
+            self._fill()
 
-    def _on_start_failure(self, error: Exception) -> None:
-        self._count_start_failure(f"starting a worker failed: {type(error).__name__}: {error}", error)
+    def _on_start_failure(self, error: Exception, worker_id: int | None = None) -> None:
+        self._count_start_failure(
+            f"starting a worker failed: {type(error).__name__}: {error}", error, worker_id
+        )
 
-    def _count_start_failure(self, what: str, error: Exception | None = None) -> None:
+    def _count_start_failure(
+        self, what: str, error: Exception | None = None, worker_id: int | None = None
+    ) -> None:
         """Start a worker again after a back-off; broken after too many failures in a row."""
         self._start_failures += 1
         if self._start_failures >= _START_FAILURES_BEFORE_BROKEN:
@@ -139,16 +206,16 @@ class PoolScheduler(Scheduler):
         delay = _RETRY_FIRST_S * 2 ** (self._start_failures - 1)
         _log.warning("executorlib: %s; trying again in %.1f s (%d of %d)", what, delay,
                      self._start_failures, _START_FAILURES_BEFORE_BROKEN)
-        self._missing += 1
+        if worker_id is not None:
+            self._missing.add(worker_id)
         if self._timer is None:
             self._timer = time.monotonic() + delay
 
     def _on_timer(self) -> None:
-        missing, self._missing = self._missing, 0
-        for _ in range(missing):
-            if self._stopping or self._broken is not None:
-                return
-            self._spawn(self._resources)
+        missing, self._missing = sorted(self._missing), set()
+        for worker_id in missing:
+            if worker_id not in self._workers:
+                self._start(worker_id)
 
     def _broken_error(self) -> BaseException:
         error = WorkerDiedError(f"the worker pool cannot start workers: {self._broken}")

@@ -27,11 +27,13 @@ parent-death signal (spawner.py) fires when the executor's process ends.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -110,7 +112,7 @@ class Scheduler:
                 waiting = list(self._waiting)
             for future in waiting:
                 future.cancel()
-        self._post(("stop", cancel_futures))
+        self._post(functools.partial(self._begin_stop, cancel_futures))
         if wait and self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join()
 
@@ -191,15 +193,23 @@ class Scheduler:
         elif (worker := self._fd_owner.get(source)) and worker.process.on_readable(source):
             self._on_exit(worker)
 
+    def run_in_manager(self, action: Callable[[], None]) -> None:
+        """Have the manager thread run ``action`` (e.g. a pool's resize) between events."""
+        self._post(action)
+
     def _take_inbox(self) -> None:
         while self._inbox.items:
             item = self._inbox.items.popleft()
             if isinstance(item, Task):
                 self._pending.append(item)
             else:
-                self._stopping = True
-                if item[1]:  # cancel_futures; calls put back after their worker died still run
-                    self._pending = deque(t for t in self._pending if not t.future.cancel())
+                item()  # an action posted by shutdown() or run_in_manager()
+
+    def _begin_stop(self, cancel_futures: bool) -> None:
+        self._stopping = True
+        self._timer = None
+        if cancel_futures:  # calls put back after their worker died are running: they run
+            self._pending = deque(t for t in self._pending if not t.future.cancel())
 
     def _receive(self) -> tuple | None:
         """The next message; a WELCOME that could not reach a worker which vanished
@@ -217,16 +227,19 @@ class Scheduler:
         return not (waiting or self._pending or self._inbox.items or busy)
 
     # -------------------------------------------------------------- workers
-    def _spawn(self, resources: Resources, task: Task | None = None) -> Worker | None:
-        """Start a worker; on failure fail ``task`` (if given) with the launcher's error."""
-        worker_id, self._next_worker_id = self._next_worker_id, self._next_worker_id + 1
+    def _spawn(self, resources: Resources, task: Task | None = None, worker_id: int | None = None
+               ) -> Worker | None:
+        """Start a worker (with ``worker_id``, or the next free number); on failure fail
+        ``task`` (if given) with the launcher's error."""
+        if worker_id is None:
+            worker_id, self._next_worker_id = self._next_worker_id, self._next_worker_id + 1
         launch = Launch(self._socket.address, worker_id, resources, self._secret)
         try:
             process = self._spawner.start(launch)
         except Exception as error:
             if task is not None:
                 settle(task.future, exception=error)
-            self._on_start_failure(error)
+            self._on_start_failure(error, worker_id)
             return None
         worker = Worker(worker_id, resources, process)
         if task is not None:
@@ -395,8 +408,9 @@ class Scheduler:
     def _on_worker_gone(self, worker: Worker) -> None:
         raise NotImplementedError
 
-    def _on_start_failure(self, error: Exception) -> None:
-        """A spawner raised while starting a worker (the task, if any, already failed)."""
+    def _on_start_failure(self, error: Exception, worker_id: int) -> None:
+        """A spawner raised while starting worker ``worker_id`` (its task, if it had
+        one, already failed)."""
 
 
 def _unpicklable(task: Task, error: Exception) -> serialize.SerializationError:

@@ -123,11 +123,16 @@ def _send_result(connection: WorkerConnection, value: Any) -> None:
     connection.send(protocol.RESULT, reply)
 
 
-class Preload:
-    """Keyword arguments that ``init_function`` returned, given to calls that declare them."""
+WORKER_ID_PARAMETER = "executorlib_worker_id"
 
-    def __init__(self) -> None:
+
+class Preload:
+    """Keyword arguments that ``init_function`` returned, given to calls that declare
+    them; and the worker's number, for calls that declare ``executorlib_worker_id``."""
+
+    def __init__(self, worker_id: int | None = None) -> None:
         self.values: dict[str, Any] = {}
+        self.worker_id = worker_id
         self._names: dict[Any, frozenset[str]] = {}
 
     def set(self, values: Any) -> None:
@@ -137,11 +142,14 @@ class Preload:
 
     def fill(self, call: protocol.Call) -> dict:
         """``call.kwargs`` plus the preloaded values for parameters ``call.fn`` declares."""
+        kwargs = call.kwargs
+        if _declares_worker_id(call.fn) and WORKER_ID_PARAMETER not in kwargs:
+            kwargs = {**kwargs, WORKER_ID_PARAMETER: self.worker_id}
         if not self.values:
-            return call.kwargs
+            return kwargs
         names = self._declared(call.fn)
-        extra = {k: v for k, v in self.values.items() if k in names and k not in call.kwargs}
-        return {**extra, **call.kwargs} if extra else call.kwargs
+        extra = {k: v for k, v in self.values.items() if k in names and k not in kwargs}
+        return {**extra, **kwargs} if extra else kwargs
 
     def _declared(self, fn: Callable) -> frozenset[str]:
         key = getattr(fn, "__code__", fn)
@@ -153,6 +161,14 @@ class Preload:
             except (TypeError, ValueError):
                 self._names[key] = frozenset()
         return self._names[key]
+
+
+def _declares_worker_id(fn: Callable) -> bool:
+    """Whether ``fn`` has a parameter named executorlib_worker_id (cheap: no inspect)."""
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return False
+    return WORKER_ID_PARAMETER in code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]
 
 
 def run_call(preload: Preload, message: Any) -> Any:
