@@ -30,11 +30,19 @@ def _wait_for_workers(count, timeout=60):
     """Wait until this process has ``count`` worker processes (an event we can see)."""
     deadline = time.monotonic() + timeout
     while True:
-        workers = [p for p in psutil.Process().children()
-                   if "executorlib.backend" in " ".join(p.cmdline())]
+        workers = [p for p in psutil.Process().children() if _is_live_worker(p)]
         if len(workers) == count or time.monotonic() > deadline:
             return len(workers)
         time.sleep(0.05)
+
+
+def _is_live_worker(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE and "executorlib.backend" in " ".join(
+            process.cmdline()
+        )
+    except psutil.Error:  # ended meanwhile
+        return False
 
 
 def test_each_worker_gets_its_number(tmp_path):
