@@ -1,37 +1,35 @@
 """The executors: one ``concurrent.futures.Executor`` class per backend.
 
 ``Executor(backend=...)`` returns an instance of the backend's class, the way
-``pathlib.Path`` returns a ``PosixPath``; each class declares only the options it
-understands. Options shared by the classes that run workers inside an allocation
-(local, Slurm, Flux):
+``pathlib.Path`` returns a ``PosixPath``; each class declares only its own options and
+takes the options shared by all backends through ``**options`` (see
+``executorlib.options``, where they are documented once)::
 
-max_workers: block allocation: number of workers; otherwise a cap on concurrent calls.
-max_cores: cores the executor may use at once (default: this machine's / the allocation's).
-cache_directory: store each result in an HDF5 file there and reuse it on the next run.
-resource_dict: default resources of every call (see ``executorlib.resources.Resources``).
-block_allocation: keep ``max_workers`` long-lived workers instead of one process per call.
-init_function: block allocation only: runs once per worker; the dict it returns fills
-    keyword arguments of later calls that declare them.
-disable_dependencies: do not resolve futures in arguments (a future is then an error).
-hostname_localhost: workers connect to 127.0.0.1 instead of this host's name.
-plot_dependency_graph: run nothing; draw the graph of submitted calls at shutdown
-    (futures resolve to None). plot_dependency_graph_filename: where to draw it.
-refresh_rate: accepted for compatibility; nothing here polls on a timer.
+    Executor                    dispatch on backend=
+      BaseExecutor              submit/map/shutdown, graph mode, len(), info, batched
+        AllocationExecutor      runs workers: one per call, or a block-allocation pool
+          SingleNodeExecutor    local processes / mpiexec       (here)
+          SlurmJobExecutor      srun steps                      (executorlib.slurm)
+          FluxJobExecutor       Flux jobs                       (executorlib.flux)
+        _ClusterExecutor        one queue job per call          (executorlib.submission)
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor as _StdExecutor
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from executorlib import call_log, futures_api
 from executorlib.dependencies import DependencyGraph, find_futures
+from executorlib.options import Options, parse_options, shared_options, warn_ignored
 from executorlib.resources import Resources
 from executorlib.task import Task
+
+__all__ = ["BACKENDS", "Executor", "BaseExecutor", "AllocationExecutor", "SingleNodeExecutor", "Options"]
 
 BACKENDS: dict[str, str] = {
     "local": "SingleNodeExecutor",
@@ -39,45 +37,31 @@ BACKENDS: dict[str, str] = {
     "flux_allocation": "FluxJobExecutor",
     "slurm_submission": "SlurmClusterExecutor",
     "flux_submission": "FluxClusterExecutor",
+    "local_submission": "LocalClusterExecutor",
 }
 
-
-@dataclass(frozen=True)
-class Options:
-    """The executor-level settings, checked once in ``__init__`` and passed down whole."""
-
-    max_workers: int | None = None
-    max_cores: int | None = None
-    cache_directory: str | None = None
-    resources: Resources = field(default_factory=Resources)
-    block_allocation: bool = False
-    init_function: Callable[[], dict] | None = None
-    disable_dependencies: bool = False
-    hostname_localhost: bool | None = None
-    plot_dependency_graph: bool = False
-    plot_dependency_graph_filename: str | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("max_workers", "max_cores"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
-        if self.init_function is not None and not self.block_allocation:
-            raise ValueError(
-                "init_function runs once per long-lived worker, so it needs block_allocation=True"
-            )
-        if self.init_function is not None and not callable(self.init_function):
-            raise TypeError(f"init_function must be callable, got {self.init_function!r}")
+# resource_dict keys a backend cannot honour; a call that sets one is warned once per
+# executor (ignoring them changes where or how long a call runs, not what it computes).
+_UNUSED_RESOURCES: dict[str, tuple[str, ...]] = {
+    "local": ("slurm_cmd_args", "num_nodes", "exclusive", "run_time_max", "memory_max",
+              "submission_template", "partition", "priority"),
+    "slurm_allocation": ("submission_template", "partition", "priority"),
+    "flux_allocation": ("slurm_cmd_args", "openmpi_oversubscribe", "memory_max",
+                        "submission_template", "partition"),
+}
 
 
 class Executor(_StdExecutor):
     """A ``concurrent.futures.Executor`` for HPC allocations.
 
     ``Executor(backend="local" | "slurm_allocation" | "flux_allocation" |
-    "slurm_submission" | "flux_submission", **options)`` returns the backend's class:
-    ``SingleNodeExecutor``, ``SlurmJobExecutor``, ``FluxJobExecutor``,
-    ``SlurmClusterExecutor`` or ``FluxClusterExecutor``. ``submit`` takes an extra
-    keyword ``resource_dict`` with the resources of that one call.
+    "slurm_submission" | "flux_submission" | "local_submission", **options)`` returns
+    the backend's class: ``SingleNodeExecutor``, ``SlurmJobExecutor``,
+    ``FluxJobExecutor``, ``SlurmClusterExecutor``, ``FluxClusterExecutor`` or
+    ``LocalClusterExecutor``. ``submit`` takes an extra keyword ``resource_dict`` with
+    the resources of that one call. Any backend accepts the options of the others (a
+    script runs with only ``backend=`` changed); those it has no use for are ignored
+    with a warning that says why.
     """
 
     backend: ClassVar[str] = ""
@@ -102,18 +86,171 @@ def backend_class(backend: str) -> type[Executor]:
     return getattr(executorlib, BACKENDS[backend])
 
 
-class WorkerExecutor(Executor):
-    """Shared machinery of the executors that run workers: submit, map, shutdown."""
+class BaseExecutor(Executor):
+    """What every backend shares: ``submit``, ``map``, ``shutdown``, the graph mode,
+    ``len(exe)`` (calls not finished yet), ``exe.info`` and ``exe.batched``."""
 
-    def _setup(self, options: Options, scheduler: Any) -> None:
+    def _setup(self, options: Options, scheduler: Callable[[], Any]) -> None:
         self._options = options
         self._shutdown_lock = threading.Lock()
         self._is_shutdown = False
-        self._graph = DependencyGraph() if options.plot_dependency_graph else None
+        self._unfinished: set[Future] = set()
+        self._warned: set[str] = set()
+        self._graph = DependencyGraph() if options.graph_only else None
+        self._workflow = None
+        if options.export_workflow_filename is not None:
+            from executorlib.workflow import WorkflowRecorder
+
+            self._workflow = WorkflowRecorder()
         self._check_fits(options.resources)
+        self._warn_unused(options.resources)
         self._scheduler = None if self._graph else scheduler()
         if self._scheduler is not None:
             self._scheduler.start()
+
+    def submit(
+        self, fn: Callable[..., Any], /, *args: Any, resource_dict: dict | None = None, **kwargs: Any
+    ) -> Future:
+        """Schedule ``fn(*args, **kwargs)``; ``resource_dict`` overrides the executor's
+        resources for this call. Futures anywhere in the arguments are replaced by
+        their results before the call runs."""
+        with self._shutdown_lock:
+            if self._is_shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+        if not callable(fn):
+            raise TypeError(f"submit() needs a callable as first argument, got {fn!r}")
+        task = Task(fn, args, kwargs, self._resources_for(resource_dict))
+        inputs = find_futures((args, kwargs))
+        if inputs and self._options.disable_dependencies:
+            raise TypeError(
+                f"a Future was passed to {task.name} but disable_dependencies=True; pass "
+                "future.result() instead, or leave disable_dependencies False"
+            )
+        self._observe(task)
+        if self._graph is not None:
+            self._record(task, inputs)
+        else:
+            self._scheduler.submit(task, inputs)
+        return task.future
+
+    def _observe(self, task: Task) -> None:
+        """Count the call in ``len(exe)``; error log and size logging where asked for."""
+        future = task.future
+        self._unfinished.add(future)
+        future.add_done_callback(self._unfinished.discard)
+        if task.resources.error_log_file:
+            call_log.log_errors_to(task.resources.error_log_file, task.name, task.args, task.kwargs, future)
+        if self._options.log_obj_size:
+            call_log.log_sizes(task.name, task.fn, task.args, task.kwargs, future)
+
+    def _record(self, task: Task, inputs: list[Future]) -> None:
+        """Graph mode: note the call and its inputs; run nothing."""
+        if self._workflow is not None:
+            self._workflow.add(task)
+        self._graph.add(task.name, task.future, futures_api.origins(inputs))
+        task.future.graph_only = True  # items of it resolve to None as well
+        task.future.set_result(None)
+
+    def map(
+        self, fn: Callable[..., Any], *iterables: Iterable, timeout: float | None = None,
+        chunksize: int = 1, **kwargs: Any,
+    ) -> Iterator:
+        """As ``concurrent.futures.Executor.map``. An element that is a ``Future``
+        becomes a dependency (the call waits for it, ``map`` does not); an iterable that
+        is itself a ``Future`` is waited for here (up to ``timeout``) and its items used."""
+        iterables = tuple(it.result(timeout) if isinstance(it, Future) else it for it in iterables)
+        return super().map(fn, *iterables, timeout=timeout, chunksize=chunksize, **kwargs)
+
+    def batched(self, futures: Sequence[Future], n: int) -> list[Future]:
+        """Futures that each resolve to a list of ``n`` results of ``futures``, in the
+        order they finish (the last one gets the remainder); usable as call arguments."""
+        return futures_api.batched(futures, n)
+
+    def __len__(self) -> int:
+        """Calls submitted to this executor that have not finished yet."""
+        return sum(1 for future in list(self._unfinished) if not future.done())
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """The effective settings of this executor, as a JSON-serialisable dict."""
+        options = self._options
+        init = options.init_function
+        return {
+            "backend": self.backend, "class": type(self).__name__,
+            "max_workers": options.max_workers, "max_cores": self._effective_max_cores(),
+            "cache_directory": options.cache_directory,
+            "resource_dict": options.resources.as_dict(),
+            "block_allocation": options.block_allocation,
+            "init_function": None if init is None else getattr(init, "__qualname__", repr(init)),
+            "disable_dependencies": options.disable_dependencies,
+            "hostname_localhost": options.hostname_localhost,
+            "graph_only": options.graph_only,
+            "plot_dependency_graph_filename": options.plot_dependency_graph_filename,
+            "export_workflow_filename": options.export_workflow_filename,
+            "log_obj_size": options.log_obj_size, **self._backend_info(),
+        }
+
+    def _effective_max_cores(self) -> int | None:
+        return self._options.max_cores
+
+    def _backend_info(self) -> dict[str, Any]:
+        return {}
+
+    def _resources_for(self, resource_dict: dict | None) -> Resources:
+        default = self._options.resources
+        if not resource_dict:
+            return default  # checked once in _setup
+        resources = Resources.from_dict(resource_dict, base=default)
+        if self._options.block_allocation and resources != default:
+            raise ValueError(
+                "with block_allocation=True every call runs on the same long-lived workers, "
+                "so a per-call resource_dict must match the executor's; pass resource_dict "
+                "to the Executor instead, or use block_allocation=False"
+            )
+        self._check_fits(resources)
+        self._warn_unused(resources)
+        return resources
+
+    def _check_fits(self, resources: Resources) -> None:
+        """Raise if one call could never run as asked (backends say why)."""
+
+    def _warn_unused(self, resources: Resources) -> None:
+        default = Resources()
+        for key in _UNUSED_RESOURCES.get(self.backend, ()):
+            value = getattr(resources, key)
+            if value != getattr(default, key) and key not in self._warned:
+                self._warned.add(key)
+                warn_ignored(
+                    type(self).__name__, f"resource_dict[{key!r}]={value!r}",
+                    f"the {self.backend} backend has no way to apply it",
+                )
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Finish (or with ``cancel_futures`` cancel) queued calls and stop the workers.
+        Safe to call more than once; ``submit`` afterwards raises ``RuntimeError``."""
+        with self._shutdown_lock:
+            first, self._is_shutdown = not self._is_shutdown, True
+        if self._graph is not None:
+            if first:
+                self._write_graph()
+            return
+        self._scheduler.shutdown(wait, cancel_futures)
+
+    def _write_graph(self) -> None:
+        options = self._options
+        if self._workflow is not None:
+            self._workflow.write(options.export_workflow_filename)
+        if options.plot_dependency_graph or options.plot_dependency_graph_filename:
+            self._graph.draw(options.plot_dependency_graph_filename)
+
+    def __del__(self) -> None:
+        scheduler = getattr(self, "_scheduler", None)
+        if scheduler is not None and not self._is_shutdown:
+            scheduler.shutdown(wait=False, cancel_futures=False)
+
+
+class AllocationExecutor(BaseExecutor):
+    """The executors that run workers: one per call within ``max_cores``, or a pool."""
 
     def _scheduler_for(self, spawner: Any, host: str | None = None) -> Any:
         """The block-allocation or one-worker-per-call scheduler for ``spawner``."""
@@ -131,7 +268,7 @@ class WorkerExecutor(Executor):
             )
         from executorlib.interactive.per_task import PerTaskScheduler
 
-        spares = getattr(spawner, "spares", False)
+        spares = spawner.spares and not options.resources.gpus_per_core  # a spare would hold GPUs
         return PerTaskScheduler(spawner, options.resources, self._max_cores(), host, cache, spares)
 
     @property
@@ -153,45 +290,6 @@ class WorkerExecutor(Executor):
             raise ValueError(f"max_workers={value} workers exceed max_cores={limit}; raise max_cores")
         self._scheduler.resize(value)
 
-    def submit(
-        self, fn: Callable[..., Any], /, *args: Any, resource_dict: dict | None = None, **kwargs: Any
-    ) -> Future:
-        """Schedule ``fn(*args, **kwargs)``; ``resource_dict`` overrides the executor's
-        resources for this call. Futures anywhere in the arguments are replaced by
-        their results before the call runs."""
-        with self._shutdown_lock:
-            if self._is_shutdown:
-                raise RuntimeError("cannot schedule new futures after shutdown")
-        if not callable(fn):
-            raise TypeError(f"submit() needs a callable as first argument, got {fn!r}")
-        task = Task(fn, args, kwargs, self._resources_for(resource_dict))
-        inputs = find_futures((args, kwargs))
-        if inputs and self._options.disable_dependencies:
-            raise TypeError(
-                f"a Future was passed to {task.name} but disable_dependencies=True; pass "
-                "future.result() instead, or leave disable_dependencies False"
-            )
-        if self._graph is not None:
-            self._graph.add(task.name, task.future, inputs)
-            task.future.set_result(None)
-        else:
-            self._scheduler.submit(task, inputs)
-        return task.future
-
-    def _resources_for(self, resource_dict: dict | None) -> Resources:
-        default = self._options.resources
-        if not resource_dict:
-            return default  # checked once in _setup
-        resources = Resources.from_dict(resource_dict, base=default)
-        if self._options.block_allocation and resources != default:
-            raise ValueError(
-                "with block_allocation=True every call runs on the same long-lived workers, "
-                "so a per-call resource_dict must match the executor's; pass resource_dict "
-                "to the Executor instead, or use block_allocation=False"
-            )
-        self._check_fits(resources)
-        return resources
-
     def _check_fits(self, resources: Resources) -> None:
         """Raise if one call could never get its cores (backends refine the message)."""
         limit = self._max_cores()
@@ -210,6 +308,9 @@ class WorkerExecutor(Executor):
             return options.max_workers * options.resources.slots
         return self._available_cores()
 
+    def _effective_max_cores(self) -> int | None:
+        return self._max_cores()
+
     def _available_cores(self) -> int:
         return len(os.sched_getaffinity(0))
 
@@ -225,52 +326,27 @@ class WorkerExecutor(Executor):
             )
         return size
 
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Finish (or with ``cancel_futures`` cancel) queued calls and stop the workers.
-        Safe to call more than once; ``submit`` afterwards raises ``RuntimeError``."""
-        with self._shutdown_lock:
-            first, self._is_shutdown = not self._is_shutdown, True
-        if self._graph is not None:
-            if first:
-                self._graph.draw(self._options.plot_dependency_graph_filename)
-            return
-        self._scheduler.shutdown(wait, cancel_futures)
 
-    def __del__(self) -> None:
-        scheduler = getattr(self, "_scheduler", None)
-        if scheduler is not None and not self._is_shutdown:
-            scheduler.shutdown(wait=False, cancel_futures=False)
-
-
-class SingleNodeExecutor(WorkerExecutor):
+@shared_options()
+class SingleNodeExecutor(AllocationExecutor):
     """Runs each call in a local Python process (``mpiexec`` for ``cores > 1``).
 
-    See the module docstring of ``executorlib.executor`` for the options.
+    ``resource_dict={"gpus_per_core": g}`` gives each call its own GPUs of this machine
+    through ``CUDA_VISIBLE_DEVICES``; asking for more than the machine has is an error.
     """
 
     backend = "local"
 
-    def __init__(
-        self,
-        max_workers: int | None = None,
-        *,
-        max_cores: int | None = None,
-        cache_directory: str | None = None,
-        resource_dict: dict | None = None,
-        block_allocation: bool = False,
-        init_function: Callable[[], dict] | None = None,
-        disable_dependencies: bool = False,
-        hostname_localhost: bool | None = None,
-        plot_dependency_graph: bool = False,
-        plot_dependency_graph_filename: str | None = None,
-        refresh_rate: float | None = None,
-        backend: str | None = None,
-    ) -> None:
-        from executorlib.interactive.spawner import LocalSpawner
+    def __init__(self, max_workers: int | None = None, **options: Any) -> None:
+        from executorlib.gpus import GpuLocalSpawner
 
-        options = Options(
-            max_workers, max_cores, cache_directory, Resources.from_dict(resource_dict),
-            block_allocation, init_function, disable_dependencies, hostname_localhost,
-            plot_dependency_graph, plot_dependency_graph_filename,
-        )
-        self._setup(options, lambda: self._scheduler_for(LocalSpawner()))
+        parsed = parse_options(type(self).__name__, {**options, "max_workers": max_workers})
+        self._setup(parsed, lambda: self._scheduler_for(GpuLocalSpawner()))
+
+    def _check_fits(self, resources: Resources) -> None:
+        super()._check_fits(resources)
+        if resources.gpus_per_core:
+            from executorlib.gpus import check_local_gpus
+
+            pool = self._options.block_allocation and resources is self._options.resources
+            check_local_gpus(resources, self._pool_size() if pool else 1)

@@ -25,8 +25,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from executorlib.executor import Options, WorkerExecutor
+from executorlib.executor import AllocationExecutor
 from executorlib.interactive.spawner import Launch, worker_argv, worker_environment
+from executorlib.options import parse_options, pmi_option, shared_options
 from executorlib.processes import describe_exit, tail_lines
 from executorlib.resources import Resources
 
@@ -293,6 +294,7 @@ class FluxSpawner:
     """Starts each worker as a Flux job through a ``flux.job.FluxExecutor``."""
 
     name = "flux"
+    spares = False  # an idle spare job would hold cores a nested executor needs
 
     def __init__(self, settings: FluxSettings, flux_executor: Any = None) -> None:
         self._flux = load_flux(need_instance=flux_executor is None)
@@ -369,23 +371,10 @@ def _job_id(future: Any, timeout: float) -> Any:
 
 
 # ------------------------------------------------------------------- the executor
-def pmi_option(pmi_mode: str | None, flux_executor_pmi_mode: str | None) -> str | None:
-    """``pmi_mode`` and its older name ``flux_executor_pmi_mode`` as one value."""
-    if pmi_mode is not None and flux_executor_pmi_mode is not None and pmi_mode != flux_executor_pmi_mode:
-        raise ValueError(
-            f"pmi_mode={pmi_mode!r} and flux_executor_pmi_mode={flux_executor_pmi_mode!r} disagree; "
-            "they are the same option, give only pmi_mode"
-        )
-    value = pmi_mode if pmi_mode is not None else flux_executor_pmi_mode
-    if value is not None and (not isinstance(value, str) or not value):
-        raise ValueError(f"pmi_mode must be the name of a Flux PMI, e.g. 'pmix', got {value!r}")
-    return value
-
-
-class FluxJobExecutor(WorkerExecutor):
+@shared_options()
+class FluxJobExecutor(AllocationExecutor):
     """Runs each worker as a Flux job in the enclosing Flux instance.
 
-    Options of ``SingleNodeExecutor`` (see ``executorlib.executor``) plus
     pmi_mode (alias flux_executor_pmi_mode): the job shell's PMI, e.g. ``"pmix"``;
     flux_executor: a ``flux.job.FluxExecutor`` to submit through (default: our own);
     flux_executor_nesting: start each worker in a nested Flux instance of its own, so
@@ -401,34 +390,20 @@ class FluxJobExecutor(WorkerExecutor):
         self,
         max_workers: int | None = None,
         *,
-        max_cores: int | None = None,
-        cache_directory: str | None = None,
-        resource_dict: dict | None = None,
-        block_allocation: bool = False,
-        init_function: Callable[[], dict] | None = None,
-        disable_dependencies: bool = False,
-        hostname_localhost: bool | None = None,
-        plot_dependency_graph: bool = False,
-        plot_dependency_graph_filename: str | None = None,
         pmi_mode: str | None = None,
         flux_executor_pmi_mode: str | None = None,
         flux_executor: Any = None,
         flux_executor_nesting: bool = False,
         flux_log_files: bool = False,
-        refresh_rate: float | None = None,
-        backend: str | None = None,
+        **options: Any,
     ) -> None:
+        options = parse_options(type(self).__name__, {**options, "max_workers": max_workers})
         settings = FluxSettings(
             pmi_option(pmi_mode, flux_executor_pmi_mode), flux_executor_nesting, flux_log_files
         )
         self._spawner = FluxSpawner(settings, flux_executor)
         self._instance_cores: int | None = None
-        options = Options(
-            max_workers, max_cores, cache_directory, Resources.from_dict(resource_dict),
-            block_allocation, init_function, disable_dependencies, hostname_localhost,
-            plot_dependency_graph, plot_dependency_graph_filename,
-        )
-        host = "127.0.0.1" if hostname_localhost else None
+        host = "127.0.0.1" if options.hostname_localhost else None
         self._setup(options, lambda: self._scheduler_for(self._spawner, host))
 
     def _check_fits(self, resources: Resources) -> None:

@@ -25,12 +25,15 @@ import shutil
 import signal
 import socket
 import subprocess
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from datetime import datetime
+from functools import cache
+from typing import Any
 
-from executorlib.executor import Options, WorkerExecutor
+from executorlib.executor import AllocationExecutor
 from executorlib.interactive.spawner import Launch, WorkerProcess, worker_argv, worker_environment
+from executorlib.options import Options, parse_options, pmi_option, shared_options
 from executorlib.resources import Resources
 
 # srun reads these from its environment as if they were options. salloc/sbatch (or the
@@ -248,6 +251,8 @@ class SrunProcess(WorkerProcess):
 class SrunSpawner:
     """Workers as srun steps of one allocation (``Spawner`` protocol)."""
 
+    spares = False  # an idle spare step would hold CPUs a nested executor needs
+
     def __init__(self, settings: SrunSettings, bind_host: str) -> None:
         self.settings = settings
         self.bind_host = bind_host
@@ -264,14 +269,17 @@ class SrunSpawner:
 
 
 # ---------------------------------------------------------------- the executor
-class SlurmJobExecutor(WorkerExecutor):
+@shared_options()
+class SlurmJobExecutor(AllocationExecutor):
     """Runs each call as an ``srun`` step inside the current Slurm allocation.
 
-    Use it in ``salloc`` or an ``sbatch`` script. Options as ``SingleNodeExecutor`` (see
-    ``executorlib.executor``), plus ``pmi_mode``: srun's ``--mpi=`` for calls with
-    ``cores > 1`` (e.g. ``"pmix"``; None: the cluster's default). ``max_cores`` defaults
-    to the CPUs the allocation holds. Workers connect back to this node's host name, or
-    to 127.0.0.1 with ``hostname_localhost=True`` (only when all steps stay on this node).
+    Use it in ``salloc`` or an ``sbatch`` script. ``max_cores`` defaults to the CPUs the
+    allocation holds. Workers connect back to this node's host name, or to 127.0.0.1
+    with ``hostname_localhost=True`` (only when all steps stay on this node).
+
+    pmi_mode (alias flux_executor_pmi_mode): srun's ``--mpi=`` for calls with
+    ``cores > 1``, e.g. ``"pmix"``. Without it: the cluster's ``MpiDefault``, or where
+    that is ``none``, a PMI the cluster offers (``srun --mpi=list``: pmix, else pmi2).
     """
 
     backend = "slurm_allocation"
@@ -280,37 +288,28 @@ class SlurmJobExecutor(WorkerExecutor):
         self,
         max_workers: int | None = None,
         *,
-        max_cores: int | None = None,
-        cache_directory: str | None = None,
-        resource_dict: dict | None = None,
-        block_allocation: bool = False,
-        init_function: Callable[[], dict] | None = None,
-        disable_dependencies: bool = False,
-        hostname_localhost: bool | None = None,
-        plot_dependency_graph: bool = False,
-        plot_dependency_graph_filename: str | None = None,
         pmi_mode: str | None = None,
-        refresh_rate: float | None = None,
-        backend: str | None = None,
+        flux_executor_pmi_mode: str | None = None,
+        **options: Any,
     ) -> None:
-        options = Options(
-            max_workers, max_cores, cache_directory, Resources.from_dict(resource_dict),
-            block_allocation, init_function, disable_dependencies, hostname_localhost,
-            plot_dependency_graph, plot_dependency_graph_filename,
-        )
-        if plot_dependency_graph:  # runs nothing, so it needs no allocation
+        parsed = parse_options(type(self).__name__, {**options, "max_workers": max_workers})
+        pmi = pmi_option(pmi_mode, flux_executor_pmi_mode)
+        if parsed.graph_only:  # runs nothing, so it needs no allocation
             self._allocation = Allocation("", allocation_cpus(os.environ))
-            self._settings = SrunSettings("", pmi_mode)
+            self._settings = SrunSettings("", pmi)
         else:
             self._allocation = Allocation.from_environment()
-            self._settings = SrunSettings(self._allocation.job_id, pmi_mode, _find_srun())
-        host = "127.0.0.1" if hostname_localhost else socket.gethostname()
-        spawner = SrunSpawner(self._settings, host)
-        self._check_max_cores(options)
-        self._setup(options, lambda: self._scheduler_for(spawner, host))
+            self._settings = SrunSettings(self._allocation.job_id, pmi, _find_srun())
+        host = "127.0.0.1" if parsed.hostname_localhost else socket.gethostname()
+        self._spawner = SrunSpawner(self._settings, host)
+        self._check_max_cores(parsed)
+        self._setup(parsed, lambda: self._scheduler_for(self._spawner, host))
 
     def _available_cores(self) -> int:
         return self._allocation.cpus
+
+    def _backend_info(self) -> dict[str, Any]:
+        return {"pmi_mode": self._settings.pmi_mode, "slurm_job_id": self._allocation.job_id}
 
     def _check_max_cores(self, options: Options) -> None:
         """More cores than the allocation holds would leave steps waiting forever."""
@@ -337,6 +336,9 @@ class SlurmJobExecutor(WorkerExecutor):
                 "cores or for a larger allocation"
             )
         super()._check_fits(resources)
+        if resources.cores > 1 and self._settings.pmi_mode is None and self._allocation.job_id:
+            self._settings = replace(self._settings, pmi_mode=default_pmi(resources.cores))
+            self._spawner.settings = self._settings
         srun_command(resources, self._settings)  # options srun cannot take fail here
 
 
@@ -348,3 +350,43 @@ def _find_srun() -> str:
             "load your cluster's Slurm module (or apt-get install slurm-client)"
         )
     return srun
+
+
+# ------------------------------------------------- a PMI when the user gave none
+_PMI_PREFERENCE = ("pmix", "pmi2")  # OpenMPI 4/5 and MPICH both speak one of these
+
+
+@cache
+def cluster_mpi() -> tuple[str, tuple[str, ...]]:
+    """(MpiDefault, the MPI plugins ``srun --mpi=list`` offers), asked once per process."""
+    config = _ask(["scontrol", "show", "config"])
+    default = re.search(r"^MpiDefault\s*=\s*(\S+)", config, re.MULTILINE)
+    listed = _ask(["srun", "--mpi=list"])
+    plugins = re.findall(r"^\s*(?:srun: )?\s*(?:mpi/)?([a-z][\w]*)\s*$", listed, re.MULTILINE)
+    return (default[1] if default else "none"), tuple(dict.fromkeys(plugins))
+
+
+def _ask(argv: list[str]) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=_QUERY_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return done.stdout + done.stderr
+
+
+def default_pmi(cores: int) -> str | None:
+    """The PMI for an MPI call when the user gave none: None where the cluster's
+    ``MpiDefault`` already names one, else the first of pmix, pmi2 that srun offers;
+    a one-line ValueError naming the values to pass when it offers neither."""
+    default, offered = cluster_mpi()
+    if default not in ("none", ""):
+        return None
+    for name in _PMI_PREFERENCE:
+        if any(plugin == name or plugin.startswith(f"{name}_") for plugin in offered):
+            return name
+    choices = ", ".join(p for p in offered if p != "none") or "none found"
+    raise ValueError(
+        f"cores={cores} runs the call under MPI, but this Slurm cluster has MpiDefault=none and "
+        f"offers neither pmix nor pmi2 (srun --mpi=list: {choices}); pass pmi_mode= one of "
+        f"those that matches your MPI library"
+    )

@@ -35,7 +35,8 @@ from typing import Any, Protocol
 from executorlib.cache import Upstream, read_outcome, resources_blob, task_key, write_file
 from executorlib.dependencies import settle, substitute, when_resolved
 from executorlib.errors import WorkerDiedError
-from executorlib.executor import Options, WorkerExecutor
+from executorlib.executor import BaseExecutor
+from executorlib.options import parse_options, pmi_option, shared_options
 from executorlib.processes import tail_lines
 from executorlib.queue import (
     FluxQueue,
@@ -371,7 +372,15 @@ def _tail(path: str) -> str:
 
 
 # ---------------------------------------------------------------- executors
-class _ClusterExecutor(WorkerExecutor):
+_CLUSTER_OPTIONS = (
+    "max_workers", "cache_directory", "resource_dict", "init_function", "disable_dependencies",
+    "plot_dependency_graph", "plot_dependency_graph_filename", "export_workflow_filename",
+    "log_obj_size",
+)
+
+
+@shared_options(_CLUSTER_OPTIONS)
+class _ClusterExecutor(BaseExecutor):
     """One queue job per call (see the module docstring).
 
     max_workers: how many jobs this executor keeps in the queue at once (the rest wait
@@ -379,32 +388,38 @@ class _ClusterExecutor(WorkerExecutor):
         scripts and job output go (default ``./executorlib_cache``); a later run of the
         same script finds its results and jobs there. resource_dict: default resources
         of every call (``submission_template`` is a Jinja2 job script). pysqa_config_directory:
-        submit through a pysqa configuration instead. disable_dependencies,
-        plot_dependency_graph(_filename): as for the other executors. refresh_rate:
-        accepted for compatibility; job states are polled with back-off.
+        submit through a pysqa configuration instead. pmi_mode (alias
+        flux_executor_pmi_mode): ``srun --mpi=`` of calls with ``cores > 1`` (default
+        pmix). block_allocation: only False for now (pilot pools are not there yet).
+        refresh_rate: accepted for compatibility; job states are polled with back-off.
     """
 
     def __init__(
         self,
         max_workers: int | None = None,
         *,
-        cache_directory: str = "executorlib_cache",
-        resource_dict: dict | None = None,
+        cache_directory: str | None = "executorlib_cache",
         pysqa_config_directory: str | None = None,
-        disable_dependencies: bool = False,
-        plot_dependency_graph: bool = False,
-        plot_dependency_graph_filename: str | None = None,
-        refresh_rate: float | None = None,
-        pmi_mode: str = "pmix",
-        backend: str | None = None,
+        pmi_mode: str | None = None,
+        flux_executor_pmi_mode: str | None = None,
+        block_allocation: bool = False,
+        **options: Any,
     ) -> None:
-        options = Options(
-            max_workers=max_workers, cache_directory=os.fspath(cache_directory),
-            resources=Resources.from_dict(resource_dict), disable_dependencies=disable_dependencies,
-            plot_dependency_graph=plot_dependency_graph,
-            plot_dependency_graph_filename=plot_dependency_graph_filename,
+        if block_allocation:
+            raise NotImplementedError(
+                f"{type(self).__name__}(block_allocation=True) would keep long-lived worker jobs "
+                "in the queue (pilot pools), which executorlib does not offer yet; use "
+                "block_allocation=False for one queue job per call, or run a "
+                "SlurmJobExecutor/FluxJobExecutor(block_allocation=True) inside an allocation"
+            )
+        directory = os.fspath(cache_directory if cache_directory is not None else "executorlib_cache")
+        options = parse_options(
+            type(self).__name__, {**options, "max_workers": max_workers, "cache_directory": directory},
+            accepted=_CLUSTER_OPTIONS,
         )
-        queue = PysqaQueue(pysqa_config_directory) if pysqa_config_directory else self._queue(pmi_mode)
+        pmi = pmi_option(pmi_mode, flux_executor_pmi_mode) or "pmix"
+        queue = PysqaQueue(pysqa_config_directory) if pysqa_config_directory else self._queue(pmi)
+        self._queue_name = queue.name
         self._setup(options, lambda: Submitter(queue, options.cache_directory, max_workers))
 
     def _queue(self, pmi_mode: str) -> Queue:
@@ -412,6 +427,9 @@ class _ClusterExecutor(WorkerExecutor):
 
     def _check_fits(self, resources: Resources) -> None:
         """The queue decides what fits; its refusal fails the call's future."""
+
+    def _backend_info(self) -> dict[str, Any]:
+        return {"queue": self._queue_name}
 
 
 class SlurmClusterExecutor(_ClusterExecutor):

@@ -101,11 +101,12 @@ def test_hello_says_why_a_backend_cannot_run_here(in_tmp):
 @pytest.mark.slurm
 @pytest.mark.timeout(300)
 def test_hello_inside_salloc_explains_pmi_mismatch_then_runs(slurm, in_tmp):
-    # The test cluster's MpiDefault is none, which OpenMPI cannot use: the first run must
-    # say so; with --pmi-mode pmix both calls run as srun steps of the allocation.
+    # Debian's OpenMPI has no PMI-2: with --pmi-mode pmi2 the first run must say it is a
+    # PMI mismatch. The test cluster's MpiDefault is none; without --pmi-mode the executor
+    # picks a PMI that srun offers (pmix) and both calls run as srun steps.
     script = f"{COMMAND[-1] if len(COMMAND) == 1 else ' '.join(COMMAND)} hello --backend slurm_allocation"
     done = subprocess.run(
-        ["salloc", "-n", "2", "bash", "-c", f"{script}; echo EXIT=$?; {script} --pmi-mode pmix"],
+        ["salloc", "-n", "2", "bash", "-c", f"{script} --pmi-mode pmi2; echo EXIT=$?; {script}"],
         capture_output=True, text=True, timeout=280,
     )
     first, second = done.stdout.split("EXIT=")

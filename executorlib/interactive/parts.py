@@ -18,6 +18,7 @@ class Spawner(Protocol):
 
     bind_host: str
     name: str
+    spares: bool  # may idle workers be started ahead of calls (local processes only)
 
     def start(self, launch: Launch) -> WorkerProcess: ...
 
