@@ -355,3 +355,21 @@ def test_pickling_failures_are_picklingerrors():
 def test_classmethod_travels_by_reference():
     with Executor(max_workers=1, block_allocation=True) as exe:
         assert exe.submit(Holder.runs_module_code).result(timeout=60) is True
+
+
+def exit_once_released(release):
+    wait_for(release)
+    os._exit(6)
+
+
+def test_worker_dying_during_shutdown_is_replaced_while_calls_wait(tmp_path):
+    release = tmp_path / "release"
+    exe = Executor(max_workers=1, block_allocation=True)
+    dying = exe.submit(exit_once_released, str(release))
+    queued = [exe.submit(add, i, 1) for i in range(3)]
+    exe.shutdown(wait=False)
+    release.touch()
+    with pytest.raises(WorkerDiedError, match="exit code 6"):
+        dying.result(timeout=60)
+    assert [f.result(timeout=60) for f in queued] == [1, 2, 3]
+    exe.shutdown(wait=True)

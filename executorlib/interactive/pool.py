@@ -89,8 +89,12 @@ class PoolScheduler(Scheduler):
 
     def _start(self, worker_id: int) -> None:
         self._missing.discard(worker_id)
-        if not self._stopping and self._broken is None:
+        if self._broken is None and not self._done():
             self._spawn(self._resources, worker_id=worker_id)
+
+    def _done(self) -> bool:
+        """Shutting down with no call left to run: no worker needs replacing."""
+        return self._stopping and not self._pending
 
     def _resize(self, size: int) -> None:
         self._size = size
@@ -172,7 +176,7 @@ class PoolScheduler(Scheduler):
 
     def _on_worker_gone(self, worker: Worker) -> None:
         self._on_connection_lost(worker)
-        if worker in self._retiring or self._stopping or self._broken is not None:
+        if worker in self._retiring or self._done() or self._broken is not None:
             self._retiring.discard(worker)
             return
         if worker.peer is None:

@@ -207,7 +207,6 @@ class Scheduler:
 
     def _begin_stop(self, cancel_futures: bool) -> None:
         self._stopping = True
-        self._timer = None
         if cancel_futures:  # calls put back after their worker died are running: they run
             self._pending = deque(t for t in self._pending if not t.future.cancel())
 
@@ -271,11 +270,11 @@ class Scheduler:
             if frames is not None:
                 self._deliver(worker, tasks, frames)
                 return
-        for task in tasks:
+        for index, task in enumerate(tasks):
             if worker.stopping:  # the connection is gone: the rest waits for another worker
-                self._pending.appendleft(task)
-            else:
-                self._send_call(worker, task)
+                self._pending.extendleft(reversed(tasks[index:]))
+                return
+            self._send_call(worker, task)
 
     def _deliver(self, worker: Worker, tasks: list[Task], frames: list) -> bool:
         if not self._send(worker, protocol.CALL, frames):
