@@ -309,8 +309,10 @@ class Scheduler:
         elif kind == protocol.READY:
             self._on_ready(worker)
         elif kind in (protocol.RESULT, protocol.FAILURE) and worker.tasks:
-            self._resolve(worker.tasks.popleft(), kind, frames)
+            task = worker.tasks.popleft()
             self._on_task_done(worker)
+            self._schedule()  # the worker's next call first: it waits while we resolve
+            self._resolve(task, kind, frames)
 
     def _resolve(self, task: Task, kind: bytes, frames: list) -> None:
         try:
