@@ -98,6 +98,16 @@ class CallEncoder:
         return data
 
 
+def unpicklable_call(name: str, error: Exception) -> serialize.SerializationError:
+    """The error of a call whose function or arguments cannot be pickled."""
+    failure = serialize.SerializationError(
+        f"cannot send the call of {name} to a worker: its function or arguments "
+        f"cannot be pickled ({type(error).__name__}: {error})"
+    )
+    failure.__cause__ = error
+    return failure
+
+
 def split_batch(head: BatchHead, buffers: list) -> list[list]:
     """Worker side: the frames of each call of a batch, for :func:`serialize.loads`."""
     calls, start = [], 0

@@ -1,8 +1,9 @@
 """What the manager thread (scheduler.py) drives: spawners, an optional result cache,
-and its record of each worker."""
+its record of each worker, and its inbox."""
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -46,3 +47,11 @@ class Worker:
     def describe(self) -> str:
         where = f" on {self.peer.host} (pid {self.peer.pid})" if self.peer else ""
         return f"worker {self.worker_id}{where}"
+
+
+@dataclass
+class Inbox:
+    """Events for the manager thread, from any thread."""
+
+    items: deque = field(default_factory=deque)
+    fd: int = field(default_factory=lambda: os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))

@@ -35,7 +35,6 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
@@ -45,8 +44,8 @@ from executorlib.dependencies import notify_cancelled, settle, substitute, when_
 from executorlib.errors import ExecutorShutdownError, WorkerDiedError, with_remote_traceback
 from executorlib.interactive import protocol
 from executorlib.interactive.channel import ExecutorSocket, Peer
-from executorlib.interactive.encoding import CallEncoder
-from executorlib.interactive.parts import ResultCache, Spawner, Worker
+from executorlib.interactive.encoding import CallEncoder, unpicklable_call
+from executorlib.interactive.parts import Inbox, ResultCache, Spawner, Worker
 from executorlib.interactive.spawner import Launch
 from executorlib.resources import Resources
 from executorlib.task import Task
@@ -55,14 +54,6 @@ __all__ = ["ResultCache", "Scheduler", "Spawner", "Worker"]
 
 _EXIT_GRACE_MS = 5_000
 _LIVE: weakref.WeakSet[Scheduler] = weakref.WeakSet()
-
-
-@dataclass
-class _Inbox:
-    """Events for the manager thread, from any thread."""
-
-    items: deque = field(default_factory=deque)
-    fd: int = field(default_factory=lambda: os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
 
 
 class Scheduler:
@@ -74,7 +65,7 @@ class Scheduler:
         self._secret = os.urandom(32)
         self._encoder = CallEncoder()
         self._socket = ExecutorSocket(host or spawner.bind_host, self._secret)
-        self._inbox = _Inbox()
+        self._inbox = Inbox()
         self._pending: deque[Task] = deque()
         self._workers: dict[int, Worker] = {}
         self._fd_owner: dict[int, Worker] = {}
@@ -255,7 +246,7 @@ class Scheduler:
         try:
             frames = self._encoder.encode(task.fn, task.args, task.kwargs)
         except Exception as error:
-            settle(task.future, exception=_unpicklable(task, error))
+            settle(task.future, exception=unpicklable_call(task.name, error))
             return False
         return self._deliver(worker, [task], frames)
 
@@ -412,15 +403,6 @@ class Scheduler:
     def _on_start_failure(self, error: Exception, worker_id: int) -> None:
         """A spawner raised while starting worker ``worker_id`` (its task, if it had
         one, already failed)."""
-
-
-def _unpicklable(task: Task, error: Exception) -> serialize.SerializationError:
-    failure = serialize.SerializationError(
-        f"cannot send the call of {task.name} to a worker: its function or arguments "
-        f"cannot be pickled ({type(error).__name__}: {error})"
-    )
-    failure.__cause__ = error
-    return failure
 
 
 def _stop_all_at_exit() -> None:
