@@ -30,6 +30,8 @@ _NAMES = {
     "get_item_from_future": "executorlib.futures_api",
     "get_cache_data": "executorlib.cache",
     "get_future_from_cache": "executorlib.cache",
+    "terminate_tasks_in_cache": "executorlib.inventory",
+    "terminate_task_in_cache": "executorlib.inventory",
     "WorkerDiedError": "executorlib.errors",
     "RemoteTraceback": "executorlib.errors",
 }

@@ -223,7 +223,9 @@ def cmd_clean(args: argparse.Namespace) -> int:
         return 1
     for path in files:
         os.remove(path)
-    jobs = os.path.join(args.directory, "jobs")
+    from executorlib.taskfiles import jobs_directory
+
+    jobs = jobs_directory(args.directory)
     if os.path.isdir(jobs) and not os.listdir(jobs):
         os.rmdir(jobs)
     print(f"removed {len(files)} files of {len(chosen)} calls")

@@ -21,6 +21,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor as _StdExecutor
 from concurrent.futures import Future
+from dataclasses import replace
 from typing import Any, ClassVar
 
 from executorlib import call_log, futures_api
@@ -201,7 +202,7 @@ class BaseExecutor(Executor):
         if not resource_dict:
             return default  # checked once in _setup
         resources = Resources.from_dict(resource_dict, base=default)
-        if self._options.block_allocation and resources != default:
+        if self._options.block_allocation and replace(resources, cache_key=default.cache_key) != default:
             raise ValueError(
                 "with block_allocation=True every call runs on the same long-lived workers, "
                 "so a per-call resource_dict must match the executor's; pass resource_dict "

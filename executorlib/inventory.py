@@ -1,33 +1,35 @@
 """What a cache directory holds: one record per call, with its state and its files.
 
-Built on the file layout of executorlib.cache and executorlib.submission::
-
-    DIR/<key>.h5                       the outcome: a result (done) or an error (failed)
-    DIR/jobs/<key>.task.h5 .sh .job .out   submission mode: call, job script, job id, output
-
+The files of a call are those of executorlib.taskfiles (``<key>.h5`` and ``jobs/<key>.*``).
 A call without an outcome file asks the queue about its job (one ``squeue`` for all
 Slurm jobs, one ``flux jobs`` for all Flux jobs): ``queued``, ``running``, ``failed``
-(the job ended without writing its result) or ``lost`` (no job, or one the queue has
-forgotten). Results are never unpickled here, so no user module needs to be importable.
-Used by the ``executorlib`` command (``status``, ``cancel``, ``clean``).
+(the job ended without writing its result) or ``lost`` (no job, a job id file that
+holds no job id, or a job the queue has forgotten). Nothing is ever unpickled here (an
+error is summarised from its stored traceback text), no file is followed through a
+link, and a FIFO or other special file is never opened for reading: such entries are
+reported in one line. Used by the ``executorlib`` command (``status``, ``cancel``, ``clean``).
 """
 
 from __future__ import annotations
 
 import glob
 import os
-import pickle
+import re
 import shutil
 from dataclasses import dataclass
 from typing import Protocol
 
-from executorlib.cache import read_file
+from executorlib.files import check_directory, read_small_text
+from executorlib.h5file import read_file
 from executorlib.processes import pid_alive, tail_lines
 from executorlib.queue import FluxQueue, JobState, SlurmQueue, SubmissionError
+from executorlib.taskfiles import TaskFiles, files_by_key
 
-JOB_SUFFIXES = (".task.h5", ".sh", ".job", ".out")
 STATES = ("done", "failed", "queued", "running", "lost")
 _RUNNING = frozenset({"RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "STAGE_OUT", "RESIZING"})
+_SLURM_ID = re.compile(r"\d+(_\d+)?")
+_FLUX_ID = re.compile(r"[ƒf][1-9A-HJ-NP-Za-km-z]+")
+_LOCAL_ID = re.compile(r"local-\d+-\d+")
 
 
 @dataclass(frozen=True)
@@ -52,46 +54,37 @@ def list_calls(directory: str) -> list[CallInfo]:
     directory = os.path.abspath(directory)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{directory} is not a directory: give the cache_directory of an executor")
-    files = _files_by_key(directory)
-    pending = {key: _job_id(paths) for key, paths in files.items()
-               if _outcome_path(directory, key) not in paths}
-    states = job_states([job_id for job_id in pending.values() if job_id])
+    check_directory(directory)
+    files = files_by_key(directory)
+    jobs = {key: _job_id(TaskFiles(directory, key), paths) for key, paths in files.items()}
+    pending = {key for key, paths in files.items() if TaskFiles(directory, key).result not in paths}
+    states = job_states([jobs[key][0] for key in pending if jobs[key][0]])
     calls = []
     for key, paths in sorted(files.items()):
-        outcome = _outcome_path(directory, key)
+        job_id, problem = jobs[key]
+        outcome = TaskFiles(directory, key).result
         if key in pending and not os.path.exists(outcome):
-            calls.append(_unfinished(key, paths, pending[key], states))
+            calls.append(_unfinished(TaskFiles(directory, key), paths, job_id, states, problem))
         else:  # it has an outcome file (perhaps written since we looked)
-            calls.append(_finished(key, sorted({*paths, outcome}), pending.get(key) or _job_id(paths)))
+            calls.append(_finished(TaskFiles(directory, key), sorted({*paths, outcome}), job_id))
     return calls
 
 
-def _files_by_key(directory: str) -> dict[str, set[str]]:
-    found: dict[str, set[str]] = {}
-    for path in glob.glob(os.path.join(glob.escape(directory), "*.h5")):
-        found.setdefault(os.path.basename(path)[: -len(".h5")], set()).add(path)
-    for path in glob.glob(os.path.join(glob.escape(directory), "jobs", "*")):
-        name = os.path.basename(path)
-        suffix = next((s for s in JOB_SUFFIXES if name.endswith(s)), None)
-        if suffix is not None:
-            found.setdefault(name[: -len(suffix)], set()).add(path)
-    return found
+def _job_id(files: TaskFiles, paths: set[str]) -> tuple[str | None, str]:
+    """The job id recorded for a call, or None and why there is none usable."""
+    if files.job_id not in paths:
+        return None, ""
+    try:
+        text = read_small_text(files.job_id).strip()
+    except (OSError, ValueError) as error:
+        return None, f"malformed job id file: {error}"
+    if not any(pattern.fullmatch(text) for pattern in (_SLURM_ID, _FLUX_ID, _LOCAL_ID)):
+        return None, f"malformed job id {text[:40]!r} in {files.job_id}"
+    return text, ""
 
 
-def _outcome_path(directory: str, key: str) -> str:
-    return os.path.join(directory, f"{key}.h5")
-
-
-def _job_id(paths: set[str]) -> str | None:
-    job_file = next((p for p in paths if p.endswith(".job")), None)
-    if job_file is None:
-        return None
-    with open(job_file) as file:
-        return file.read().strip() or None
-
-
-def _finished(key: str, paths: list[str], job_id: str | None) -> CallInfo:
-    path = next(p for p in paths if p.endswith(f"{os.sep}{key}.h5"))
+def _finished(files: TaskFiles, paths: list[str], job_id: str | None) -> CallInfo:
+    key, path = files.key, files.result
     try:
         found = read_file(path, ("error", "traceback"))
     except Exception as error:
@@ -101,29 +94,24 @@ def _finished(key: str, paths: list[str], job_id: str | None) -> CallInfo:
 
 
 def _error_summary(found: dict) -> str:
-    """The exception line of the traceback (no unpickling), else the unpickled error."""
+    """The exception line of the stored traceback (text: nothing is unpickled)."""
     if "traceback" in found:
         lines = [line for line in found["traceback"].decode(errors="replace").splitlines() if line.strip()]
         lines = [line for line in lines if not line.startswith("(raised on ")] or lines
         return lines[-1].strip() if lines else ""
-    if "error" not in found:
-        return ""
-    try:
-        error = pickle.loads(found["error"])
-    except Exception as problem:  # its class lives in a module we cannot import here
-        return f"(error cannot be unpickled here: {problem})"
-    return f"{type(error).__name__}: {error}".splitlines()[0]
+    return "an error without a traceback (not unpickled here)" if "error" in found else ""
 
 
 def _unfinished(
-    key: str, paths: set[str], job_id: str | None, states: dict[str, JobState | None]
+    files: TaskFiles, paths: set[str], job_id: str | None, states: dict[str, JobState | None], problem: str
 ) -> CallInfo:
-    name = _task_name(paths) or key
+    key = files.key
+    name = _task_name(files, paths) or key
     if job_id is None:
-        return CallInfo(key, name, "lost", None, None, "no job id was recorded: the submission did not "
-                        "complete", tuple(sorted(paths)))
-    state = _local_state(job_id, paths) if job_id.startswith("local-") else states.get(job_id)
-    output = next((p for p in paths if p.endswith(".out")), None)
+        why = problem or "no job id was recorded: the submission did not complete"
+        return CallInfo(key, name, "lost", None, None, why, tuple(sorted(paths)))
+    state = _local_state(job_id, files, paths) if job_id.startswith("local-") else states.get(job_id)
+    output = files.output if files.output in paths else None
     if state is None:
         text, where = "lost", f"job {job_id} is unknown to the queue and wrote no result"
     elif state.never_starts:
@@ -139,10 +127,9 @@ def _unfinished(
     return CallInfo(key, name, text, job_id, None, where, tuple(sorted(paths)))
 
 
-def _task_name(paths: set[str]) -> str | None:
-    task_file = next((p for p in paths if p.endswith(".task.h5")), None)
+def _task_name(files: TaskFiles, paths: set[str]) -> str | None:
     try:
-        return read_file(task_file, ())["name"] if task_file else None
+        return read_file(files.task, ())["name"] if files.task in paths else None
     except Exception:
         return None
 
@@ -169,6 +156,47 @@ def cancel_jobs(job_ids: list[str]) -> None:
     """Cancel ``job_ids`` with ``scancel`` / ``flux cancel`` (SubmissionError if refused)."""
     for ids, queue in _by_queue(job_ids):
         queue.cancel(ids)
+
+
+def terminate_tasks_in_cache(
+    cache_directory: str, config_directory: str | None = None, backend: str | None = None
+) -> list[str]:
+    """Cancel the queue jobs of the calls in ``cache_directory`` still queued or running,
+    from any process (the executor that submitted them may be gone); the job ids cancelled.
+
+    ``config_directory``: a pysqa configuration to cancel through (for queues other than
+    Slurm and Flux). ``backend`` (``"slurm"``, ``"flux"``) is accepted for compatibility:
+    the queue is known from each job id.
+    """
+    calls = [c for c in list_calls(cache_directory) if c.state in ("queued", "running") and c.job_id]
+    return _terminate([call.job_id for call in calls], config_directory, backend)
+
+
+def terminate_task_in_cache(
+    cache_directory: str, cache_key: str, config_directory: str | None = None, backend: str | None = None
+) -> str | None:
+    """Cancel the queue job of the call ``cache_key`` (its file name without ``.h5``, e.g.
+    the ``cache_key`` of its ``resource_dict``) if it is still queued or running; its job
+    id, or None when there was nothing to cancel. Arguments as for
+    :func:`terminate_tasks_in_cache`."""
+    calls = [c for c in list_calls(cache_directory) if c.key == cache_key]
+    if not calls:
+        raise FileNotFoundError(f"no call {cache_key!r} in {cache_directory}; `executorlib status "
+                                f"{cache_directory}` lists them")
+    active = [c.job_id for c in calls if c.state in ("queued", "running") and c.job_id]
+    return (_terminate(active, config_directory, backend) or [None])[0]
+
+
+def _terminate(job_ids: list[str], config_directory: str | None, backend: str | None) -> list[str]:
+    if backend not in (None, "slurm", "flux"):
+        raise ValueError(f"backend must be 'slurm', 'flux' or None, got {backend!r}")
+    if config_directory is not None and job_ids:
+        from executorlib.queue import PysqaQueue
+
+        PysqaQueue(config_directory).cancel(job_ids)
+    else:
+        cancel_jobs(job_ids)
+    return job_ids
 
 
 class _Queue(Protocol):
@@ -217,13 +245,12 @@ class _LocalJobs:
         )
 
 
-def _local_state(job_id: str, paths: set[str]) -> JobState | None:
+def _local_state(job_id: str, files: TaskFiles, paths: set[str]) -> JobState | None:
     """Running while a process runs its job script; it ran (and wrote no result) if it
     has output; held for its inputs while the process that submitted it lives."""
-    script = next((p for p in paths if p.endswith(".sh")), None)
-    if script is not None and _runs(script):
+    if files.script in paths and _runs(files.script):
         return JobState("RUNNING")
-    if any(p.endswith(".out") for p in paths):
+    if files.output in paths:
         return JobState("FAILED")
     return JobState("PENDING", f"held by process {_owner(job_id)}") if pid_alive(_owner(job_id)) else None
 

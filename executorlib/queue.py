@@ -19,36 +19,12 @@ import signal
 import subprocess
 from dataclasses import dataclass
 
+from executorlib.files import create_private, write_text
+from executorlib.jobscript import render_script, script_variables
 from executorlib.processes import child_environment, mpiexec_prefix, python_argv
 from executorlib.resources import Resources
+from executorlib.taskfiles import TaskFiles
 
-DEFAULT_TEMPLATE = """\
-#!/bin/bash
-#SBATCH --job-name={{ job_name }}
-#SBATCH --chdir={{ working_directory }}
-#SBATCH --ntasks={{ cores }}
-#SBATCH --cpus-per-task={{ threads_per_core }}
-{%- if gpus_per_core %}
-#SBATCH --gpus-per-task={{ gpus_per_core }}
-{%- endif %}
-{%- if run_time_max %}
-#SBATCH --time={{ (run_time_max + 59) // 60 }}
-{%- endif %}
-{%- if memory_max %}
-#SBATCH --mem={{ memory_max }}G
-{%- endif %}
-{%- if partition %}
-#SBATCH --partition={{ partition }}
-{%- endif %}
-{%- if num_nodes %}
-#SBATCH --nodes={{ num_nodes }}
-{%- endif %}
-{%- if exclusive %}
-#SBATCH --exclusive
-{%- endif %}
-
-{{ command }}
-"""
 # Slurm states after which a job will not write anything any more.
 FINAL_STATES = frozenset({
     "BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL",
@@ -63,15 +39,25 @@ class SubmissionError(RuntimeError):
 
 @dataclass(frozen=True)
 class JobSpec:
-    """One job to submit: where its files are and what it asks for."""
+    """One job to submit: its files (executorlib.taskfiles) and what it asks for."""
 
     job_name: str
-    task_file: str
-    script_file: str
-    output_file: str
+    files: TaskFiles
     working_directory: str
     resources: Resources
     dependency: tuple[str, ...] = ()
+
+    @property
+    def task_file(self) -> str:
+        return self.files.task
+
+    @property
+    def script_file(self) -> str:
+        return self.files.script
+
+    @property
+    def output_file(self) -> str:
+        return self.files.output
 
 
 @dataclass(frozen=True)
@@ -90,30 +76,11 @@ class JobState:
         return self.reason == NEVER_STARTS
 
 
-def render_script(spec: JobSpec, command: str) -> str:
-    """The job script from the default or the call's ``submission_template``."""
-    import jinja2
-
-    resources = spec.resources
-    variables = {
-        **resources.as_dict(), "job_name": spec.job_name, "command": command,
-        "working_directory": spec.working_directory, "dependency": list(spec.dependency),
-        "output_file": spec.output_file,
-    }
-    source = resources.submission_template or DEFAULT_TEMPLATE
-    try:
-        return jinja2.Template(source, undefined=jinja2.StrictUndefined).render(variables)
-    except jinja2.TemplateError as error:
-        raise SubmissionError(
-            f"the submission_template of {spec.job_name} does not render: {type(error).__name__}: "
-            f"{error}; its variables are: {', '.join(sorted(variables))}"
-        ) from error
-
-
 def run_command(argv: list[str], what: str, env: dict[str, str] | None = None) -> str:
     """Run a queue command; its stdout, or a SubmissionError with its stderr."""
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+        # umask 077: files the queue creates for the job (Slurm's --output) are private
+        done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120, umask=0o077)
     except (OSError, subprocess.TimeoutExpired) as error:
         raise SubmissionError(f"{what}: {shlex.join(argv[:3])} could not run: {error}") from error
     if done.returncode != 0:
@@ -140,10 +107,12 @@ class SlurmQueue:
         return f"srun --mpi={self.pmi_mode} {python_command('cache_parallel', spec)}"
 
     def submit(self, spec: JobSpec) -> str:
-        with open(spec.script_file, "w") as file:
-            file.write(render_script(spec, self.command(spec)))
+        write_text(spec.script_file, render_script(spec, self.command(spec)))
         argv = ["sbatch", "--parsable", f"--job-name={spec.job_name}", f"--output={spec.output_file}",
                 "--kill-on-invalid-dep=yes"]
+        if spec.resources.error_log_file:
+            create_private(spec.resources.error_log_file)
+            argv.append(f"--error={os.path.abspath(spec.resources.error_log_file)}")
         if spec.dependency:
             argv.append("--dependency=afterok:" + ":".join(spec.dependency))
         argv += [*spec.resources.slurm_cmd_args, spec.script_file]
@@ -242,6 +211,7 @@ class PysqaQueue:
 
     def submit(self, spec: JobSpec) -> str:
         resources = spec.resources
+        _plain_words(spec, self.command(spec))
         job_id = self._adapter.submit_job(
             queue=resources.partition, job_name=spec.job_name, working_directory=spec.working_directory,
             cores=resources.cores, memory_max=resources.memory_max, run_time_max=resources.run_time_max,
@@ -258,6 +228,20 @@ class PysqaQueue:
     def cancel(self, job_ids: list[str]) -> None:
         for job_id in job_ids:
             self._adapter.delete_job(_as_int(job_id))
+
+
+def _plain_words(spec: JobSpec, command: str) -> None:
+    """pysqa renders its templates itself, without quoting: refuse any value that a job
+    script would not read as one plain word."""
+    variables = script_variables(spec, command)  # refuses line breaks
+    for name in ("job_name", "working_directory", "partition"):
+        value = variables[name]
+        if value is not None and shlex.quote(str(value)) != str(value):
+            raise SubmissionError(
+                f"cannot submit {spec.job_name} through pysqa: {name}={value!r} holds characters "
+                "(spaces, quotes, $, ;...) that pysqa writes into the job script unquoted; use a "
+                "folder and names without them, or submit without pysqa_config_directory"
+            )
 
 
 def _as_int(job_id: str) -> int | str:
@@ -293,8 +277,7 @@ class LocalQueue:
         return f"{shlex.join(mpiexec_prefix(spec.resources))} {python_command('cache_parallel', spec)}"
 
     def submit(self, spec: JobSpec) -> str:
-        with open(spec.script_file, "w") as file:
-            file.write(render_script(spec, self.command(spec)))
+        write_text(spec.script_file, render_script(spec, self.command(spec)))
         unknown = [job_id for job_id in spec.dependency if job_id not in self._jobs]
         if unknown:
             raise SubmissionError(f"submitting {spec.job_name}: unknown dependency job ids {unknown}")
@@ -326,17 +309,24 @@ class LocalQueue:
 class _LocalJob:
     def __init__(self, spec: JobSpec) -> None:
         self.spec = spec
-        self.process: subprocess.Popen | None = None
+        self.process: subprocess.Popen | _NeverStarted | None = None
         self.cancelled = False
         self.never_starts = False
 
     def start(self) -> None:
-        with open(self.spec.output_file, "wb") as output:
-            self.process = subprocess.Popen(
-                ["bash", self.spec.script_file], stdin=subprocess.DEVNULL, stdout=output,
-                stderr=subprocess.STDOUT, cwd=self.spec.working_directory,
-                env=child_environment(self.spec.resources), start_new_session=True,
-            )
+        """Run the job script; if it cannot start (e.g. its cwd is missing), the job fails
+        with the reason as its output."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+        with open(os.open(self.spec.output_file, flags, 0o600), "wb") as output:
+            try:
+                self.process = subprocess.Popen(
+                    ["bash", self.spec.script_file], stdin=subprocess.DEVNULL, stdout=output,
+                    stderr=subprocess.STDOUT, cwd=self.spec.working_directory,
+                    env=child_environment(self.spec.resources), start_new_session=True,
+                )
+            except OSError as error:
+                output.write(f"the job could not start: {error}\n".encode())
+                self.process = _NeverStarted()
 
     def state(self) -> JobState:
         if self.process is None:
@@ -354,3 +344,15 @@ class _LocalJob:
             with contextlib.suppress(ProcessLookupError):  # it has just ended by itself
                 os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+
+
+class _NeverStarted:
+    """A local job whose process could not be started: it failed."""
+
+    pid = 0
+
+    def poll(self) -> int:
+        return 127
+
+    def wait(self) -> int:
+        return 127

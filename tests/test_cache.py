@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -89,7 +90,7 @@ def test_cache_key_names_the_file_and_get_future_from_cache(tmp_path):
         future = exe.submit(record_and_add, marker, 2, 3, resource_dict={"cache_key": "five"})
         assert future.result(timeout=60) == 5
         with pytest.raises(ValueError, match="plain file name"):
-            exe.submit(record_and_add, marker, 1, resource_dict={"cache_key": "a/b"}).result(timeout=60)
+            exe.submit(record_and_add, marker, 1, resource_dict={"cache_key": "../b"}).result(timeout=60)
     assert h5_files(cache) == ["five.h5"]
     assert get_future_from_cache(cache, "five").result(timeout=0) == 5
     with pytest.raises(FileNotFoundError, match="no cached result 'six'"):
@@ -101,14 +102,16 @@ def test_get_cache_data_is_ready_for_pandas(tmp_path):
     marker, cache = str(tmp_path / "marker"), str(tmp_path / "cache")
     with Executor(cache_directory=cache) as exe:
         assert exe.submit(record_and_add, marker, 1, b=2).result(timeout=60) == 3
-        assert exe.submit(big_array, 100_000).result(timeout=60).sum() == sum(range(100_000))
+        assert exe.submit(big_array, 200_000).result(timeout=60).sum() == sum(range(200_000))
     frame = pandas.DataFrame(get_cache_data(cache)).sort_values("function")
     assert list(frame["function"]) == ["big_array", "record_and_add"]
     row = frame.iloc[1]
     assert row["args"] == (marker, 1) and row["kwargs"] == {"b": 2} and row["result"] == 3
+    assert row["input_args"] == (marker, 1) and row["input_kwargs"] == {"b": 2} and row["output"] == 3
+    assert row["queue_id"] is None  # not a queue job
     assert row["error"] is None and row["runtime"] > 0 and row["resources"]["cores"] == 1
     assert os.path.basename(row["filename"]).startswith("record_and_add_")
-    assert np.array_equal(frame.iloc[0]["result"], big_array(100_000))  # > 64 kB: a dataset
+    assert np.array_equal(frame.iloc[0]["result"], big_array(200_000))  # > 1 MiB
 
 
 SCRIPT = """
@@ -144,3 +147,50 @@ def test_key_is_stable_across_processes_for_main_functions(tmp_path):
         assert done.stdout.split() == ["31", "alphabetadeltagamma"]
     assert runs(marker) == 1
     assert len(h5_files(cache)) == 2
+
+
+class Adder:
+    """A callable object: its key must not hold its memory address."""
+
+    def __init__(self, offset):
+        self.offset = offset
+
+    def __call__(self, marker, a):
+        return record_and_add(marker, a, self.offset)
+
+
+def test_partial_and_callable_objects_hit_the_cache(tmp_path):
+    marker, cache = str(tmp_path / "marker"), str(tmp_path / "cache")
+    kept = []  # alive, so each round's objects live at new addresses
+    for _ in range(2):
+        kept += [functools.partial(record_and_add, marker, b=1), Adder(2)]
+        with Executor(cache_directory=cache) as exe:
+            assert exe.submit(kept[-2], 1).result(timeout=60) == 2
+            assert exe.submit(kept[-1], marker, 1).result(timeout=60) == 3
+    assert runs(marker) == 2
+    assert sorted(name.split("_")[0] for name in h5_files(cache)) == ["Adder", "record"]
+
+
+def test_cache_key_per_call_with_block_allocation(tmp_path):
+    marker, cache = str(tmp_path / "marker"), str(tmp_path / "cache")
+    for _ in range(2):
+        with Executor(max_workers=1, block_allocation=True, cache_directory=cache) as exe:
+            future = exe.submit(record_and_add, marker, 2, 3, resource_dict={"cache_key": "five"})
+            assert future.result(timeout=60) == 5
+    assert runs(marker) == 1 and h5_files(cache) == ["five.h5"]
+
+
+def test_cache_key_with_sub_directories(tmp_path):
+    marker, cache = str(tmp_path / "marker"), tmp_path / "cache"
+    for _ in range(2):
+        with Executor(cache_directory=str(cache)) as exe:
+            future = exe.submit(record_and_add, marker, 1, 2, resource_dict={"cache_key": "run1/step3"})
+            assert future.result(timeout=60) == 3
+            for bad in ("../outside", "run1/.hidden", "jobs/x", "/absolute"):
+                with pytest.raises(ValueError, match="plain file name"):
+                    exe.submit(record_and_add, marker, 1, resource_dict={"cache_key": bad}).result(timeout=60)
+    assert runs(marker) == 1
+    assert (cache / "run1" / "step3.h5").is_file() and oct((cache / "run1").stat().st_mode & 0o777) == "0o700"
+    assert get_future_from_cache(str(cache), "run1/step3").result(timeout=0) == 3
+    (row,) = get_cache_data(str(cache))
+    assert row["filename"] == str(cache / "run1" / "step3.h5") and row["output"] == 3

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -19,8 +18,8 @@ from executorlib.errors import WorkerDiedError
 from executorlib.submission import LocalClusterExecutor
 
 REPO = Path(__file__).resolve().parent.parent
-COMMAND = [shutil.which("executorlib")] if shutil.which("executorlib") else [sys.executable, "-m",
-                                                                             "executorlib.cli"]
+# This checkout's code (through PYTHONPATH), never an installed console script's.
+COMMAND = [sys.executable, "-m", "executorlib.cli"]
 
 
 def executorlib(*args: str, stdin: str = "", env: dict | None = None, timeout: float = 120):

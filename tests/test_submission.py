@@ -4,6 +4,7 @@ scripts, jobs as local processes). Every job writes real HDF5 files."""
 
 from __future__ import annotations
 
+import gc
 import glob
 import os
 import subprocess
@@ -11,6 +12,7 @@ import sys
 import textwrap
 import threading
 import time
+import weakref
 from concurrent.futures import CancelledError
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from executorlib.errors import RemoteTraceback, WorkerDiedError
 from executorlib.queue import FluxQueue, JobSpec, SubmissionError, render_script
 from executorlib.resources import Resources
 from executorlib.submission import LocalClusterExecutor
+from executorlib.taskfiles import TaskFiles
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,7 +70,8 @@ def runs(marker):
 
 
 def job_ids(cache):
-    return sorted(Path(path).read_text() for path in glob.glob(os.path.join(cache, "jobs", "*.job")))
+    ids = [Path(path).read_text() for path in glob.glob(os.path.join(cache, "jobs", "*.job"))]
+    return sorted(ids, key=lambda job_id: (len(job_id), job_id))  # in submission order
 
 
 def in_queue(ids):
@@ -95,7 +99,8 @@ def test_local_variant_chain_cache_and_files(in_tmp):
                 future = exe.submit(add, i, exe.submit(mark, marker, future))
             assert future.result(timeout=60) == 22
     assert runs(marker) == ["0", "4", "9", "15"]  # each call ran once over both runs
-    assert len(get_cache_data("cache")) == 8
+    rows = get_cache_data("cache")
+    assert len(rows) == 8 and all(row["queue_id"].startswith("local-") for row in rows)
     assert len(glob.glob("cache/jobs/*.task.h5")) == 8
 
 
@@ -124,11 +129,46 @@ def test_local_variant_cap_keeps_jobs_in_order(in_tmp):
     assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:], strict=False))
 
 
+def big_bytes(n):
+    return b"x" * n
+
+
+def test_local_variant_a_job_that_cannot_start_fails_alone(in_tmp):
+    with LocalClusterExecutor(cache_directory="cache") as exe:
+        lost = exe.submit(add, 1, 1, resource_dict={"cwd": str(in_tmp / "no" / "such" / "dir")})
+        with pytest.raises(WorkerDiedError, match=r"(?s)FAILED.*could not start.*no/such/dir"):
+            lost.result(timeout=60)
+        assert exe.submit(add, 1, 2).result(timeout=60) == 3  # the watcher goes on
+
+
+def test_local_variant_keeps_no_finished_result(in_tmp):
+    with LocalClusterExecutor(cache_directory="cache") as exe:
+        future = exe.submit(big_bytes, 10_000_000)
+        assert len(future.result(timeout=60)) == 10_000_000
+        alive = weakref.ref(future)
+        del future
+        gc.collect()
+        assert alive() is None  # the executor did not keep the future (and its 10 MB)
+        first = exe.submit(add, 1, 2)
+        assert first.result(timeout=60) == 3
+        assert exe.submit(add, first, 1).result(timeout=60) == 4  # a finished input still works
+
+
+def test_local_variant_cache_key_with_a_sub_directory(in_tmp):
+    with LocalClusterExecutor(cache_directory="cache") as exe:
+        first = exe.submit(add, 1, 2, resource_dict={"cache_key": "run1/step3"})
+        assert exe.submit(add, first, 1, resource_dict={"cache_key": "run1/step4"}).result(timeout=60) == 4
+    assert sorted(p.name for p in (in_tmp / "cache" / "jobs" / "run1").iterdir()) == [
+        f"step{i}.{suffix}" for i in (3, 4) for suffix in ("job", "out", "sh", "task.h5")]
+    rows = {row["filename"]: row for row in get_cache_data("cache")}
+    assert rows[str(in_tmp / "cache" / "run1" / "step4.h5")]["queue_id"].startswith("local-")
+
+
 def test_flux_adapter_renders_and_reads_states():
     # flux-core cannot be installed here: only the parts that need no Flux instance.
     states = FluxQueue.parse_states("f2a 'RUN' x\nf3b INACTIVE CANCELED\nf4c INACTIVE COMPLETED\n")
     assert states["f3b"].state == "CANCELLED" and states["f4c"].state == "COMPLETED"
-    spec = JobSpec("add_1", "t.h5", "s.sh", "o.out", "/w", Resources(cores=2))
+    spec = JobSpec("add_1", TaskFiles("/c", "add_1"), "/w", Resources(cores=2))
     assert "flux run -n 2" in FluxQueue().command(spec)
     assert "#SBATCH --ntasks=2" in render_script(spec, "true")
 
@@ -288,3 +328,43 @@ def test_pysqa_configuration_submits_to_slurm(slurm, in_tmp):
     with SlurmClusterExecutor(cache_directory="cache", pysqa_config_directory=str(config)) as exe:
         first = exe.submit(add, 1, 2)
         assert exe.submit(add, first, 3).result(timeout=200) == 6
+
+
+def _python(code: str) -> str:
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(240)
+def test_terminate_tasks_in_cache_from_another_process(slurm, in_tmp):
+    exe = SlurmClusterExecutor(cache_directory="cache")
+    first = exe.submit(sleep_then, 120, 1, resource_dict={"cache_key": "first"})
+    second = exe.submit(sleep_then, 120, 2, resource_dict={"cache_key": "second"})
+    deadline = time.monotonic() + 120
+    while len(job_ids("cache")) < 2 and time.monotonic() < deadline:  # both submitted
+        time.sleep(0.05)
+    first_id = Path("cache/jobs/first.job").read_text()
+    one = _python("from executorlib import terminate_task_in_cache as t; print(t('cache', 'first'))")
+    assert one == first_id
+    with pytest.raises(WorkerDiedError, match=rf"job {first_id} .*CANCELLED"):
+        first.result(timeout=120)
+    rest = _python("from executorlib import terminate_tasks_in_cache as t; print(*t('cache'))")
+    assert rest == Path("cache/jobs/second.job").read_text()
+    with pytest.raises(WorkerDiedError, match="CANCELLED"):
+        second.result(timeout=120)
+    exe.shutdown()
+    assert _python("from executorlib import terminate_tasks_in_cache as t; print(t('cache'))") == "[]"
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(240)
+def test_wait_false_leaves_the_with_block_at_once_and_jobs_run_on(slurm, in_tmp):
+    with SlurmClusterExecutor(cache_directory="cache", wait=False) as exe:
+        future = exe.submit(sleep_then, 20, "done")
+    assert not future.done()  # leaving did not wait for a 20 s job...
+    assert future.result(timeout=200) == "done"  # ...nor cancel it
+    with SlurmClusterExecutor(cache_directory="cache") as exe:  # a later run finds the result
+        assert exe.submit(sleep_then, 20, "done").result(timeout=10) == "done"
+    assert len(job_ids("cache")) == 1

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from executorlib.cache import read_file, write_file
+from executorlib.h5file import read_file, write_file
 from executorlib.serialize import failure_blobs, to_bytes
 
 TASK_BLOBS = ("function", "args", "kwargs", "resources", "result_path")
