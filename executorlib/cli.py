@@ -74,8 +74,10 @@ def _precheck(backend: str, pmi_mode: str | None) -> str | None:
 
 
 def cmd_hello(args: argparse.Namespace) -> int:
-    print(f"executorlib hello --backend {args.backend} (from {socket.gethostname()})")
-    if (problem := _precheck(args.backend, args.pmi_mode)) is not None:
+    via = f", through ssh to {args.ssh}" if args.ssh else ""
+    print(f"executorlib hello --backend {args.backend} (from {socket.gethostname()}{via})")
+    remote = _ssh_options(args)
+    if not remote and (problem := _precheck(args.backend, args.pmi_mode)) is not None:
         print(f"cannot run: {problem}", file=sys.stderr)
         return 2
     submission = args.backend.endswith("_submission")
@@ -83,7 +85,8 @@ def cmd_hello(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {} if args.pmi_mode is None else {"pmi_mode": args.pmi_mode}
     if submission:  # job files must be on a file system the compute nodes see: the cwd
         directory = os.path.abspath(f"executorlib-hello-{os.getpid()}")
-        options["cache_directory"] = directory
+        options["cache_directory"] = f"executorlib-hello-{os.getpid()}" if remote else directory
+    options.update(remote)
     from executorlib import Executor
 
     try:
@@ -95,9 +98,19 @@ def cmd_hello(args: argparse.Namespace) -> int:
         ok = _run_hello(exe, args.timeout)
         if not ok:
             exe.shutdown(wait=True, cancel_futures=True)
-    if directory is not None:
+    if directory is not None and not remote:
         _report_jobs(directory, keep=not ok)
+    elif directory is not None:
+        print(f"job files: ~/{os.path.basename(directory)} on {args.ssh} (remove it when done)")
     return 0 if ok else 1
+
+
+def _ssh_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The executor options of ``--ssh`` and friends (empty without ``--ssh``)."""
+    if not args.ssh:
+        return {}
+    return {"ssh": args.ssh, "ssh_gateway": args.ssh_gateway, "remote_python": args.remote_python,
+            "ssh_args": tuple(args.ssh_arg)}
 
 
 def _run_hello(exe: Any, timeout: float) -> bool:
@@ -264,6 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "(e.g. pmix, pmi2; default: the cluster's), or Flux's PMI")
     hello.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
                        help="give up waiting after this long (default: 600)")
+    hello.add_argument("--ssh", metavar="HOST", help="run through an agent on HOST (user@host or a "
+                       "~/.ssh/config alias), as a laptop would: see README 'From your laptop'")
+    hello.add_argument("--ssh-gateway", metavar="HOST", help="with --ssh: jump host (ssh -J)")
+    hello.add_argument("--remote-python", metavar="PATH",
+                       help="with --ssh: the cluster's Python with executorlib")
+    hello.add_argument("--ssh-arg", action="append", default=[], metavar="ARG",
+                       help="with --ssh: an extra ssh argument (repeat, e.g. --ssh-arg=-F --ssh-arg=cfg)")
     status = commands.add_parser("status", help="list the calls in a cache directory and their state",
                                  description="One row per call: function, state (done, failed, queued, "
                                  "running, lost), queue job id, runtime and error summary.")

@@ -75,6 +75,10 @@ class Executor(_StdExecutor):
                 f"{cls.__name__} is the {cls.backend!r} backend; got backend={backend!r}. "
                 f"Use Executor(backend={backend!r}) instead."
             )
+        if options.get("ssh") is not None:  # from a laptop: the work runs in an agent there
+            from executorlib.remote import remote_executor
+
+            return remote_executor(cls.backend, args, options)
         return super().__new__(cls)
 
 

@@ -29,7 +29,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from executorlib.cache import Upstream
@@ -68,6 +68,7 @@ class _Record:
     job_id: str | None = None
     reattached: bool = False  # job id from an earlier process, not yet seen in the queue
     finished: bool = False
+    twins: list[_Record] = field(default_factory=list)  # the same call, submitted again meanwhile
 
 
 class Submitter:
@@ -213,7 +214,10 @@ class Submitter:
             self._finish(record, result=outcome[1])  # errors are not cached: run again
             return
         job_id = read_job_id(record.files) if outcome is None else None
-        if job_id is not None:
+        if job_id is not None and (first := self._active.get(job_id)) is not None:
+            record.job_id = job_id  # the same call is in the queue already: its job serves both
+            first.twins.append(record)
+        elif job_id is not None:
             record.job_id, record.reattached = job_id, True
             self._active[job_id] = record
         else:
@@ -252,6 +256,8 @@ class Submitter:
             self._finish(record, exception=error)
             return
         record.job_id = job_id
+        for twin in record.twins:
+            twin.job_id = job_id
         self._active[job_id] = record
         if task.future.done():  # cancelled while it was being submitted
             self._kick(self._to_cancel.append, record)
@@ -270,6 +276,8 @@ class Submitter:
             states = {}
         for job_id, record in list(self._active.items()):
             state = states.get(job_id)
+            if state is not None and not state.belongs_to(record.files.key):
+                state = None  # the id names another job (a new Flux instance): ours is gone
             if state is not None and not state.final and not state.never_starts:
                 record.reattached = False
             else:
@@ -299,10 +307,7 @@ class Submitter:
     def _cancel_jobs(self) -> int:
         with self._cond:
             records, self._to_cancel = self._to_cancel, []
-        job_ids = [r.job_id for r in records if r.job_id is not None and not r.finished]
-        for record in records:
-            self._active.pop(record.job_id, None)
-            record.finished = True
+        job_ids = [job_id for record in records if (job_id := self._release(record)) is not None]
         if job_ids:
             try:
                 self._queue.cancel(job_ids)
@@ -310,11 +315,30 @@ class Submitter:
                 warnings.warn(str(error), RuntimeWarning, stacklevel=1)
         return len(records)
 
-    def _finish(self, record: _Record, result: Any = None, exception: BaseException | None = None) -> None:
+    def _release(self, record: _Record) -> str | None:
+        """Mark a cancelled call finished; the job id to cancel, unless there is none or
+        a twin of the call still waits for that job (it takes the call's place)."""
+        if record.finished:
+            return None
         record.finished = True
-        self._active.pop(record.job_id, None)
-        record.task.args, record.task.kwargs = (), {}  # the job has them; free the memory
-        settle(record.task.future, result, exception)
+        if record.job_id is None or self._active.get(record.job_id) is not record:
+            return None  # not submitted, or a twin riding on another record's job
+        live = [twin for twin in record.twins if not twin.finished]
+        if live:
+            live[0].twins = live[1:]
+            self._active[record.job_id] = live[0]
+            return None
+        del self._active[record.job_id]
+        return record.job_id
+
+    def _finish(self, record: _Record, result: Any = None, exception: BaseException | None = None) -> None:
+        if self._active.get(record.job_id) is record:
+            del self._active[record.job_id]
+        for each in (record, *record.twins):
+            if not each.finished:
+                each.finished = True
+                each.task.args, each.task.kwargs = (), {}  # the job has them; free the memory
+                settle(each.task.future, result, exception)
 
 
 def _leave_at_exit() -> None:

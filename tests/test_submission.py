@@ -122,6 +122,26 @@ def test_local_variant_errors_and_failed_upstream(in_tmp):
         assert exe.submit(add, 1, 2).result(timeout=60) == 3
 
 
+def wait_for_file(path, value):
+    """Block until ``path`` exists (the test creates it), then return ``value``."""
+    while not os.path.exists(path):
+        time.sleep(0.05)
+    return value
+
+
+@pytest.mark.timeout(120)
+def test_the_same_call_submitted_twice_while_queued_resolves_both(in_tmp):
+    """The second identical call finds the first one's job: one job serves both."""
+    release = str(in_tmp / "release")
+    with LocalClusterExecutor(cache_directory="cache") as exe:
+        first = exe.submit(wait_for_file, release, 7)
+        second = exe.submit(wait_for_file, release, 7)
+        other = exe.submit(add, second, 1)
+        Path(release).touch()
+        assert [f.result(timeout=60) for f in (first, second, other)] == [7, 7, 8]
+    assert len(job_ids("cache")) == 2  # the twin rode on the first call's job
+
+
 def test_local_variant_cap_keeps_jobs_in_order(in_tmp):
     with LocalClusterExecutor(max_workers=1, cache_directory="cache") as exe:
         spans = [f.result(timeout=60) for f in [exe.submit(interval, 0.5 + i / 100) for i in range(3)]]
@@ -165,9 +185,11 @@ def test_local_variant_cache_key_with_a_sub_directory(in_tmp):
 
 
 def test_flux_adapter_renders_and_reads_states():
-    # flux-core cannot be installed here: only the parts that need no Flux instance.
-    states = FluxQueue.parse_states("f2a 'RUN' x\nf3b INACTIVE CANCELED\nf4c INACTIVE COMPLETED\n")
+    # the parts that need no Flux instance (tests/flux runs the rest inside one)
+    states = FluxQueue.parse_states("f2a|RUN||add_1\nf3b|INACTIVE|CANCELED|x\nf4c|INACTIVE|COMPLETED|\n")
     assert states["f3b"].state == "CANCELLED" and states["f4c"].state == "COMPLETED"
+    assert states["f2a"].state == "RUNNING" and states["f2a"].belongs_to("add_1")
+    assert not states["f3b"].belongs_to("add_1") and states["f4c"].belongs_to("add_1")
     spec = JobSpec("add_1", TaskFiles("/c", "add_1"), "/w", Resources(cores=2))
     assert "flux run -n 2" in FluxQueue().command(spec)
     assert "#SBATCH --ntasks=2" in render_script(spec, "true")

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from executorlib import serialize
-from executorlib.interactive import protocol
+from executorlib.interactive import private_env, protocol
 from executorlib.interactive.channel import WorkerConnection
 from executorlib.interactive.encoding import split_batch
 
@@ -25,6 +25,7 @@ Runner = Callable[[list], Any]
 def connect_from_argv() -> WorkerConnection:
     """Connect to the executor named in ``argv``; the secret comes from the environment."""
     address, worker_id = sys.argv[1], int(sys.argv[2])
+    private_env.load()  # launchers that record the environment (Flux) pass it in a file
     secret = bytes.fromhex(os.environ.pop(protocol.SECRET_ENV))
     timeout_s = float(os.environ.get(CONNECT_TIMEOUT_ENV, "60"))
     try:
