@@ -302,6 +302,7 @@ class Scheduler:
         elif kind in (protocol.RESULT, protocol.FAILURE) and worker.tasks:
             task = worker.tasks.popleft()
             self._on_task_done(worker)
+            self._take_inbox()  # a shutdown(cancel_futures=True) posted before this result
             self._schedule()  # the worker's next call first: it waits while we resolve
             self._resolve(task, kind, frames)
 
