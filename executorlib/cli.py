@@ -174,11 +174,16 @@ def _report_jobs(directory: str, keep: bool) -> None:
 # ------------------------------------------------------ cache directories
 def cmd_status(args: argparse.Namespace) -> int:
     from executorlib.inventory import list_calls
+    from executorlib.pilot.status import read_pools, table
 
     calls = list_calls(args.directory)
+    pools = read_pools(args.directory)
     if args.json:
-        print(json.dumps([call.as_dict() for call in calls], indent=2))
+        listed = [call.as_dict() for call in calls]
+        print(json.dumps({"calls": listed, "pilot_pools": pools} if pools else listed, indent=2))
         return 0
+    if pools:
+        print("\n".join(table(pools)))
     if not calls:
         print(f"no calls in {args.directory}")
         return 0
@@ -202,6 +207,8 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     from executorlib.inventory import cancel_jobs, list_calls
 
     active = [c for c in list_calls(args.directory) if c.state in ("queued", "running") and c.job_id]
+    if _cancel_pools(args.directory) and not active:
+        return 0
     if not active:
         print(f"nothing to cancel: no call in {args.directory} has a queued or running job")
         return 0
@@ -213,6 +220,18 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     for call in active:
         print(f"cancelled job {call.job_id} ({call.function}, was {call.state})")
     return 0
+
+
+def _cancel_pools(directory: str) -> bool:
+    """scancel the worker jobs of the live pilot pools under ``directory``; True if any."""
+    from executorlib.inventory import cancel_jobs
+    from executorlib.pilot.status import job_ids, read_pools
+
+    jobs = job_ids(read_pools(directory))
+    if jobs:
+        cancel_jobs(jobs)
+        print(f"cancelled pilot worker jobs {', '.join(jobs)}")
+    return bool(jobs)
 
 
 def cmd_clean(args: argparse.Namespace) -> int:

@@ -3,7 +3,9 @@
 A future may sit anywhere in the arguments, nested in lists, tuples and dicts. The
 dependent call is released by ``add_done_callback`` when its last input finishes; if an
 input fails, the dependent fails at once with that exception; if an input is cancelled,
-the dependent is cancelled. No thread waits and nothing polls.
+the dependent is cancelled (and ``wait()``/``as_completed()`` are told). If releasing
+raises (an argument container that cannot be rebuilt, a cache file that cannot be
+read), the dependent fails with that error. No thread waits and nothing polls.
 
 The graph of submitted calls (for ``plot_dependency_graph``) is kept here as well.
 """
@@ -68,30 +70,59 @@ def when_resolved(
 ) -> None:
     """Call ``release()`` once every input succeeded; fail or cancel ``dependent`` as
     soon as one input fails or is cancelled. ``release`` runs in the thread that
-    finished the last input."""
+    finished the last input; an exception it raises fails ``dependent``. Once settled,
+    the inputs' callbacks hold neither ``release`` nor ``dependent``."""
     remaining = len(inputs)
     lock = threading.Lock()
-    settled = False
+    pending: list | None = [dependent, release]  # dropped once settled
 
     def on_done(future: Future) -> None:
-        nonlocal remaining, settled
+        nonlocal remaining, pending
         problem = _problem(future)
         with lock:
-            if settled:
+            if pending is None:
                 return
             remaining -= 1
-            settled = problem is not None or remaining == 0
-            if not settled:
+            if problem is None and remaining:
                 return
+            (target, run), pending = pending, None
         if problem is None:
-            release()
+            _release(target, run)
         elif isinstance(problem, CancelledError):
-            dependent.cancel()
+            if target.cancel():
+                notify_cancelled(target)
         else:
-            settle(dependent, exception=problem)
+            settle(target, exception=problem)
 
     for future in inputs:
         future.add_done_callback(on_done)
+
+
+def _release(dependent: Future, release: Callable[[], None]) -> None:
+    try:
+        release()
+    except BaseException as error:  # a future must never be lost in a callback
+        settle(dependent, exception=error)
+
+
+def notify_cancelled(future: Future) -> None:
+    """Tell ``wait()``/``as_completed()`` that ``future`` was cancelled. The standard
+    library does that in ``set_running_or_notify_cancel``, which an executor calls
+    when it would start the call; a call cancelled while it waits may never get there."""
+    if future.cancelled():
+        claim(future)
+
+
+def claim(future: Future) -> bool:
+    """Mark ``future`` running before its call starts: True, or False (waiters told)
+    if it was cancelled or is already done. A call put back in the queue after its
+    worker died before starting it is still running: True."""
+    if future.running():
+        return True
+    try:
+        return future.set_running_or_notify_cancel()
+    except RuntimeError:  # cancelled and already notified, or done
+        return False
 
 
 def _problem(future: Future) -> BaseException | None:

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from concurrent.futures import BrokenExecutor
 
+from executorlib.serialize import SerializationError
+
+__all__ = ["ExecutorShutdownError", "RemoteTraceback", "SerializationError", "WorkerDiedError",
+           "with_remote_traceback"]
+
 
 class RemoteTraceback(Exception):
     """The traceback of an exception as the worker formatted it; set as ``__cause__``."""

@@ -70,7 +70,8 @@ class Executor(_StdExecutor):
     def __new__(cls, *args: Any, backend: str | None = None, **options: Any) -> Executor:
         if cls is Executor:
             cls = backend_class(backend or "local")
-        elif backend is not None and backend != cls.backend:
+            return cls.__new__(cls, *args, **options)  # a backend may choose a subclass
+        if backend is not None and backend != cls.backend:
             raise ValueError(
                 f"{cls.__name__} is the {cls.backend!r} backend; got backend={backend!r}. "
                 f"Use Executor(backend={backend!r}) instead."
@@ -275,6 +276,25 @@ class AllocationExecutor(BaseExecutor):
 
         spares = spawner.spares and not options.resources.gpus_per_core  # a spare would hold GPUs
         return PerTaskScheduler(spawner, options.resources, self._max_cores(), host, cache, spares)
+
+    @property
+    def max_workers(self) -> int | None:
+        """Block allocation: the number of workers, settable while the executor runs
+        (more starts workers; fewer stops idle ones first, no call is lost or run
+        twice). Otherwise the ``max_workers`` given."""
+        resize = getattr(self._scheduler, "resize", None)
+        return self._scheduler.size if resize is not None else self._options.max_workers
+
+    @max_workers.setter
+    def max_workers(self, value: int) -> None:
+        if not self._options.block_allocation or self._scheduler is None:
+            raise ValueError("max_workers can change while running only with block_allocation=True")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"max_workers must be a positive int, got {value!r}")
+        limit = self._options.max_cores
+        if limit is not None and value * self._options.resources.slots > limit:
+            raise ValueError(f"max_workers={value} workers exceed max_cores={limit}; raise max_cores")
+        self._scheduler.resize(value)
 
     def _check_fits(self, resources: Resources) -> None:
         """Raise if one call could never get its cores (backends refine the message)."""

@@ -111,6 +111,8 @@ def _unfinished(
         why = problem or "no job id was recorded: the submission did not complete"
         return CallInfo(key, name, "lost", None, None, why, tuple(sorted(paths)))
     state = _local_state(job_id, files, paths) if job_id.startswith("local-") else states.get(job_id)
+    if state is not None and not state.belongs_to(key):
+        state = None  # the id names another job (a new Flux instance): ours is gone
     output = files.output if files.output in paths else None
     if state is None:
         text, where = "lost", f"job {job_id} is unknown to the queue and wrote no result"

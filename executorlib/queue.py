@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -66,6 +67,13 @@ class JobState:
 
     state: str
     reason: str = ""
+    name: str = ""  # the job's name where the queue reports it (Flux); "" = not reported
+
+    def belongs_to(self, key: str) -> bool:
+        """Whether this job can be the one submitted for the call ``key``: its name is
+        the key. A new Flux instance hands out job ids again, so an id alone can name
+        another job."""
+        return not self.name or self.name == key
 
     @property
     def final(self) -> bool:
@@ -140,6 +148,7 @@ class FluxQueue:
                "CLEANUP": "COMPLETING"}
     _RESULTS = {"COMPLETED": "COMPLETED", "FAILED": "FAILED", "CANCELED": "CANCELLED",
                 "TIMEOUT": "TIMEOUT"}
+    _UNKNOWN = re.compile(r"JobID \S+ unknown")
 
     def command(self, spec: JobSpec) -> str:
         if spec.resources.cores == 1:
@@ -162,19 +171,32 @@ class FluxQueue:
         return out.strip().splitlines()[-1]
 
     def states(self, job_ids: list[str]) -> dict[str, JobState]:
-        argv = ["flux", "jobs", "--no-header", "--format={id.f58} {state} {result}", *job_ids]
-        return self.parse_states(run_command(argv, "reading job states"))
+        """States of the jobs this instance knows; ids it does not know are left out:
+        they belong to an instance that has ended (``flux jobs`` names each on stderr
+        and exits 1 when it knows none of them)."""
+        argv = ["flux", "jobs", "--no-header", "--format={id.f58}|{state}|{result}|{name}", *job_ids]
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            raise SubmissionError(f"reading job states: flux jobs could not run: {error}") from error
+        problems = [line for line in done.stderr.splitlines() if not self._UNKNOWN.fullmatch(line.strip())]
+        if problems or done.returncode not in (0, 1):
+            message = "\n".join(problems) or done.stdout.strip()
+            raise SubmissionError(
+                f"reading job states: flux jobs refused (exit code {done.returncode}): {message}"
+            )
+        return self.parse_states(done.stdout)
 
     @classmethod
     def parse_states(cls, text: str) -> dict[str, JobState]:
-        """``flux jobs`` lines ``ID STATE RESULT`` as Slurm-style states."""
+        """``flux jobs`` lines ``ID|STATE|RESULT|NAME`` as Slurm-style states."""
         found = {}
         for line in text.splitlines():
-            job_id, state, result = (line.split() + ["", ""])[:3]
+            job_id, state, result, name = ([part.strip() for part in line.split("|", 3)] + ["", "", ""])[:4]
             if state == "INACTIVE":
-                found[job_id] = JobState(cls._RESULTS.get(result, result or "COMPLETED"))
+                found[job_id] = JobState(cls._RESULTS.get(result, result or "COMPLETED"), name=name)
             elif job_id:
-                found[job_id] = JobState(cls._STATES.get(state, state))
+                found[job_id] = JobState(cls._STATES.get(state, state), name=name)
         return found
 
     def cancel(self, job_ids: list[str]) -> None:

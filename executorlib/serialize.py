@@ -21,6 +21,11 @@ from typing import Any
 _OUT_OF_BAND_MIN = 64 * 1024
 
 
+class SerializationError(pickle.PicklingError, TypeError):
+    """A call's function, arguments or result could not be pickled. Catchable as
+    ``pickle.PicklingError`` (as with ``ProcessPoolExecutor``) and as ``TypeError``."""
+
+
 class Failure:
     """An exception raised by the function, with the worker's formatted traceback."""
 
@@ -91,7 +96,15 @@ def picklable(exception: BaseException) -> BaseException:
         pickle.loads(pickle.dumps(exception, protocol=5))
         return exception
     except Exception:
-        return RuntimeError(f"{type(exception).__qualname__}: {exception}")
+        return RuntimeError(f"{type(exception).__qualname__}: {_text(exception)}")
+
+
+def _text(exception: BaseException) -> str:
+    """``str(exception)``, or a placeholder when its ``__str__`` raises."""
+    try:
+        return str(exception)
+    except Exception:
+        return f"<unprintable {type(exception).__qualname__} exception>"
 
 
 def dumps_failure(exception: BaseException, where: str = "") -> list:

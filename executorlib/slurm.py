@@ -336,6 +336,12 @@ class SlurmJobExecutor(AllocationExecutor):
                 "cores or for a larger allocation"
             )
         super()._check_fits(resources)
+        if resources.run_time_max and self._allocation.job_id:  # no call Slurm would kill
+            if getattr(self, "_clock", None) is None:
+                from executorlib.pilot.walltime import AllocationClock
+
+                self._clock = AllocationClock(self._allocation.job_id)
+            self._clock.check(resources.run_time_max, "a call")
         if resources.cores > 1 and self._settings.pmi_mode is None and self._allocation.job_id:
             self._settings = replace(self._settings, pmi_mode=default_pmi(resources.cores))
             self._spawner.settings = self._settings

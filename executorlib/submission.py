@@ -38,7 +38,8 @@ class _ClusterExecutor(BaseExecutor):
         of every call (``submission_template`` is a Jinja2 job script). pysqa_config_directory:
         submit through a pysqa configuration instead. pmi_mode (alias
         flux_executor_pmi_mode): ``srun --mpi=`` of calls with ``cores > 1`` (default
-        pmix). block_allocation: only False for now (pilot pools are not there yet).
+        pmix). block_allocation: True makes a pool of long-lived worker jobs instead
+        (``SlurmClusterExecutor`` only; see executorlib.pilot.executor.SlurmPilotExecutor).
         wait: whether leaving a ``with`` block waits for the jobs (default True); with
         ``wait=False`` it neither waits nor cancels: queued jobs keep running and a later
         run of the script re-attaches to them. refresh_rate: accepted for
@@ -91,6 +92,14 @@ class _ClusterExecutor(BaseExecutor):
 class SlurmClusterExecutor(_ClusterExecutor):
     __doc__ = "Each call is one Slurm job (``sbatch``).\n\n    " + (_ClusterExecutor.__doc__ or "")
     backend = "slurm_submission"
+
+    def __new__(cls, *args: Any, block_allocation: bool = False, **options: Any) -> SlurmClusterExecutor:
+        """``block_allocation=True``: a pool of long-lived worker jobs (executorlib.pilot)."""
+        if block_allocation and cls is SlurmClusterExecutor:
+            from executorlib.pilot.executor import SlurmPilotExecutor
+
+            cls = SlurmPilotExecutor
+        return super().__new__(cls, *args, **options)
 
     def _queue(self, pmi_mode: str) -> Queue:
         return SlurmQueue(pmi_mode)

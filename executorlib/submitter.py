@@ -276,6 +276,8 @@ class Submitter:
             states = {}
         for job_id, record in list(self._active.items()):
             state = states.get(job_id)
+            if state is not None and not state.belongs_to(record.files.key):
+                state = None  # the id names another job (a new Flux instance): ours is gone
             if state is not None and not state.final and not state.never_starts:
                 record.reattached = False
             else:

@@ -7,6 +7,7 @@ The functions the tests submit live at module level, so workers import them by r
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import time
@@ -33,6 +34,40 @@ def fail(message):
 def sleep_then(seconds, value=None):
     time.sleep(seconds)
     return value
+
+
+def wait_for(path, timeout=120):
+    """Wait until the file ``path`` exists (an event a call or the test makes)."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear within {timeout} s")
+        time.sleep(0.01)
+
+
+def started_then_wait(started, release, value=None):
+    """Signal that the call runs, then hold its worker until ``release`` exists."""
+    open(started, "a").close()
+    wait_for(release)
+    return value
+
+
+def worker_connections():
+    from executorlib.interactive.channel import WorkerConnection
+
+    return [o for o in gc.get_objects() if isinstance(o, WorkerConnection)]
+
+
+def lose_connection_then_exit(started, release):
+    """The dead-worker window: the connection to the executor is closed while the
+    process lives on (as when mpiexec or srun outlive rank 0 for a moment)."""
+    real_exit = os._exit
+    os._exit = lambda code: None  # the watchdog must not end this process yet
+    for connection in worker_connections():
+        connection.socket.close(linger=0)
+    open(started, "a").close()
+    wait_for(release)
+    real_exit(3)
 
 
 def die(code):
@@ -228,14 +263,15 @@ class BehaviourSuite:
         with pytest.raises(RuntimeError, match="after shutdown"):
             exe.submit(add, 1, 1)
 
-    def test_cancel_futures_cancels_queued_calls(self):
+    def test_cancel_futures_cancels_queued_calls(self, tmp_path):
+        started, release = tmp_path / "started", tmp_path / "release"
         exe = self.executor(max_workers=1, block_allocation=True)
-        running = exe.submit(sleep_then, 1, "done")
+        running = exe.submit(started_then_wait, str(started), str(release), "done")
         queued = [exe.submit(add, i) for i in range(5)]
-        deadline = time.monotonic() + 60  # until the worker has taken the first call
-        while not running.running() and not running.done() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        exe.shutdown(wait=True, cancel_futures=True)
+        wait_for(started)  # however long a worker takes to start here
+        exe.shutdown(wait=False, cancel_futures=True)
+        release.touch()
+        exe.shutdown(wait=True)
         assert running.result(timeout=60) == "done"
         # a busy worker holds one call sent ahead (as ProcessPoolExecutor does): that one runs
         assert sum(not f.cancelled() for f in queued) <= 1
@@ -285,6 +321,28 @@ class BehaviourSuite:
             second = exe.submit(add, first, 2)
             assert second.result(timeout=5) is None
         assert target.stat().st_size > 1000
+
+    # -------------------------------------------------- the dead-worker window
+    @pytest.mark.parametrize("cores", [1, 2])
+    def test_call_sent_while_connection_is_closed_runs_elsewhere(self, tmp_path, cores):
+        """With mpiexec or srun, a worker's connection closes a moment before its
+        process ends; a call sent then runs on the next worker, the executor goes on."""
+        started, release = tmp_path / "started", tmp_path / "release"
+        options = {"max_workers": 1, "block_allocation": True, "max_cores": cores,
+                   "resource_dict": {"cores": cores}}
+        expect = (lambda value: value) if cores == 1 else (lambda value: [value] * cores)
+        with self.executor(**options) as exe:
+            try:
+                lost = exe.submit(lose_connection_then_exit, str(started), str(release))
+                wait_for(started)
+                later = exe.submit(add, 1, 2)  # sent into the closed connection, or queued
+                release.touch()
+                with pytest.raises(WorkerDiedError):
+                    lost.result(timeout=90)
+                assert later.result(timeout=90) == expect(3)
+                assert exe.submit(add, 2, 2).result(timeout=90) == expect(4)
+            finally:
+                release.touch()
 
     # --------------------------------------------------------------------- MPI
     def test_mpi_call_returns_one_result_per_rank(self):

@@ -15,8 +15,11 @@ import psutil
 import pytest
 
 _GRACE_S = 15.0
-# tests/allocation runs inside a real salloc (scripts/run-allocation-tests), not here.
+# tests/allocation runs inside a real salloc (scripts/run-allocation-tests), not here;
+# tests/flux_instance inside a real Flux instance (flux start, see scripts/run-tests).
 collect_ignore = [] if os.environ.get("SLURM_JOB_ID") else ["allocation"]
+if not os.environ.get("FLUX_URI"):
+    collect_ignore.append("flux_instance")
 
 
 _SESSION = os.environ.setdefault("EXECUTORLIB_TEST_SESSION", uuid.uuid4().hex)

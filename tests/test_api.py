@@ -21,6 +21,7 @@ import executorlib
 from executorlib import (
     BaseExecutor,
     Executor,
+    FluxClusterExecutor,
     FluxJobExecutor,
     SingleNodeExecutor,
     SlurmClusterExecutor,
@@ -118,7 +119,13 @@ def test_cluster_executor_takes_block_allocation_false_and_explains_true(tmp_pat
     ) as exe:
         assert exe.submit(add, 1, 2).result(timeout=_WAIT_S) is None
     with pytest.raises(NotImplementedError, match=r"block_allocation=True\) would keep long-lived"):
-        SlurmClusterExecutor(cache_directory=str(tmp_path), block_allocation=True)
+        FluxClusterExecutor(cache_directory=str(tmp_path), block_allocation=True)
+    # Slurm has pilot pools (tests/test_pilot.py); in graph mode nothing is submitted
+    with SlurmClusterExecutor(
+        cache_directory=str(tmp_path), block_allocation=True, plot_dependency_graph=True
+    ) as exe:
+        assert type(exe).__name__ == "SlurmPilotExecutor" and isinstance(exe, SlurmClusterExecutor)
+        assert exe.submit(add, 1, 2).result(timeout=_WAIT_S) is None
 
 
 def test_cluster_executor_ignores_allocation_options_with_a_reason(tmp_path):

@@ -1,10 +1,10 @@
-"""The flux_allocation backend.
+"""The flux_allocation backend, the parts that need no Flux instance.
 
-What decides what to ask Flux for is pure and tested here always. The job handle's
-eventfd bridge and messages are tested with a plain ``concurrent.futures.Future`` in the
-place of the Flux future. ``TestFluxAllocation`` (the behaviour suite) runs only where
-``import flux`` works inside a Flux instance: no flux-core build is available from the
-package registries on our machines.
+What decides what to ask Flux for is pure and tested here; the job handle's eventfd
+bridge and messages with a plain ``concurrent.futures.Future`` in the place of the Flux
+future; the private environment file with real processes and a real second user. The
+behaviour suite and everything else that needs Flux runs inside a real instance:
+``tests/flux`` (``scripts/run-tests`` starts it with ``flux start``).
 """
 
 from __future__ import annotations
@@ -13,65 +13,35 @@ import importlib.util
 import os
 import select
 import subprocess
+import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
-from behaviour import BehaviourSuite, add, die, write_stderr_and_die
+from behaviour import add, die, write_stderr_and_die
 
 from executorlib import Executor, FluxJobExecutor
 from executorlib.errors import WorkerDiedError
-from executorlib.flux import (
-    FluxJob,
+from executorlib.flux_job import FluxJob
+from executorlib.flux_spec import (
     FluxSettings,
     check_resources,
     jobspec_for,
-    pmi_option,
+    needs_plugin,
+    with_private_environment,
     worker_job,
 )
+from executorlib.interactive import private_env
 from executorlib.interactive.auth import KEYS_ENV, LaunchKeys
 from executorlib.interactive.per_task import PerTaskScheduler
 from executorlib.interactive.spawner import Launch
+from executorlib.options import pmi_option
 from executorlib.processes import python_argv
 from executorlib.resources import Resources
 from executorlib.task import Task
 
 FLUX_IMPORTABLE = importlib.util.find_spec("flux") is not None
-FLUX_READY = FLUX_IMPORTABLE and bool(os.environ.get("FLUX_URI"))
-NO_FLUX = (
-    "Flux is not available: `import flux` failed / FLUX_URI not set — no flux-core build is "
-    "available from the package registries on this machine"
-)
-
-
-# ------------------------------------------------------------------ behaviour suite
-@pytest.mark.skipif(not FLUX_READY, reason=NO_FLUX)
-class TestFluxAllocation(BehaviourSuite):
-    backend = "flux_allocation"
-    extra = {"flux_log_files": True}  # the stderr tail in death messages comes from the log
-
-    @pytest.fixture(autouse=True)
-    def _logs_in_tmp(self, in_tmp):
-        return in_tmp
-
-
-@pytest.mark.skipif(not FLUX_READY, reason=NO_FLUX)
-def test_flux_mpi_ranks_and_nested_executor():
-    with Executor(backend="flux_allocation", max_cores=2, resource_dict={"cores": 2}) as exe:
-        assert exe.submit(_ranks).result(timeout=90) == [(2, 0), (2, 1)]
-    with FluxJobExecutor(flux_executor_nesting=True, max_cores=2) as exe:
-        assert exe.submit(_nested_sum, resource_dict={"cores": 2}).result(timeout=120) == 3
-
-
-def _ranks():
-    from mpi4py import MPI
-
-    return MPI.COMM_WORLD.Get_size(), MPI.COMM_WORLD.Get_rank()
-
-
-def _nested_sum():
-    with FluxJobExecutor(max_cores=2) as inner:
-        return inner.submit(add, 1, 2).result(timeout=60)
 
 
 # -------------------------------------------------------- without Flux: the error
@@ -223,12 +193,27 @@ def test_stop_cancels_only_a_running_job():
 
 def test_how_it_ended_names_job_and_status(tmp_path):
     exited: Future = Future()
-    job = FluxJob(exited, cancel=exited.cancel)
+    asked = []
+    job = FluxJob(exited, cancel=exited.cancel,
+                  read_stderr=lambda job_id: asked.append(job_id) or "".join(f"l{i}\n" for i in range(40)))
     job.note_job_id("ƒ2mGTx3")
     exited.set_result(3)
-    assert job.how_it_ended().startswith("Flux job ƒ2mGTx3: exit code 3 (flux_log_files=True")
+    text = job.how_it_ended()
+    assert text.startswith("Flux job ƒ2mGTx3: exit code 3; last lines of its stderr (from Flux's output ")
+    assert text.endswith("\n    l38\n    l39") and "l10\n" in text and "l9\n" not in text  # the last 30
+    assert asked == ["ƒ2mGTx3"]
     job.note_finish(9)  # a wait status: killed by SIGKILL
     assert "tasks ended with signal SIGKILL (9)" in job.how_it_ended()
+
+    def unreadable(job_id):
+        raise FileNotFoundError(f"job {job_id} does not exist or output not ready")
+
+    job = FluxJob(exited, cancel=exited.cancel, read_stderr=unreadable)
+    job.note_job_id("ƒ9")
+    assert job.how_it_ended().endswith(
+        "(its stderr could not be read from Flux: FileNotFoundError: "
+        "job ƒ9 does not exist or output not ready)"
+    )
 
     raised: Future = Future()
     raised.set_exception(RuntimeError("job.exception type=timeout severity=0 resource allocation expired"))
@@ -257,15 +242,19 @@ class RequestRunner:
 
     def __init__(self) -> None:
         self._waits = ThreadPoolExecutor(4)
+        self.private = private_env.PrivateDirectory()
+        self.environments: list[dict] = []
 
     def start(self, launch: Launch) -> FluxJob:
         request = worker_job(launch, FluxSettings(log_files=True), "test")
+        request, path = with_private_environment(request, self.private, launch.worker_id)
+        self.environments.append(dict(request.environment))
         with open(request.stdout, "wb") as out, open(request.stderr, "wb") as err:
             process = subprocess.Popen(
                 list(request.command), env=dict(request.environment), cwd=request.cwd,
                 stdout=out, stderr=err, start_new_session=True,
             )
-        job = FluxJob(self._waits.submit(process.wait), process.kill, request.stderr)
+        job = FluxJob(self._waits.submit(process.wait), process.kill, request.stderr, private_file=path)
         job.note_job_id(f"local-{process.pid}")
         return job
 
@@ -290,3 +279,106 @@ def test_manager_runs_calls_and_reports_deaths_through_flux_jobs(tmp_path):
         scheduler.shutdown(wait=True, cancel_futures=True)
         runner._waits.shutdown()
     assert sorted(p.suffix for p in tmp_path.iterdir()).count(".err") >= 3
+    # the workers got their secret from the private file (and removed it), not from env
+    assert os.listdir(runner.private.path) == []
+    assert all(KEYS_ENV not in env for env in runner.environments)
+    assert all(private_env.PATH_ENV in env for env in runner.environments)
+    runner.private.close()
+    assert not os.path.exists(runner.private.path)
+
+
+# ------------------------------------------- secrets through a private file
+def test_per_launch_variables_are_the_added_or_changed_executorlib_ones():
+    inherited = {"EXECUTORLIB_TEST_SESSION": "s1", "EXECUTORLIB_NO_SHM": "1", "HOME": "/h"}
+    environment = {**inherited, "EXECUTORLIB_NO_SHM": "0", "EXECUTORLIB_SECRET": "ab",
+                   "EXECUTORLIB_CURVE_KEY": "k", "OMP_NUM_THREADS": "2"}
+    assert private_env.per_launch(environment, inherited) == {
+        "EXECUTORLIB_NO_SHM": "0", "EXECUTORLIB_SECRET": "ab", "EXECUTORLIB_CURVE_KEY": "k",
+    }
+
+
+def test_private_environment_keeps_the_secret_out_of_the_request(tmp_path, monkeypatch):
+    monkeypatch.setenv(private_env.DIR_ENV, str(tmp_path / "private"))
+    directory = private_env.PrivateDirectory()
+    request = worker_job(launch_for(Resources(env={"MY": "1"})), FluxSettings(), "77")
+    moved, path = with_private_environment(request, directory, 4)
+    assert KEYS_ENV not in moved.environment and "s" * 40 not in str(moved)
+    assert moved.environment[private_env.PATH_ENV] == path and moved.environment["MY"] == "1"
+    assert moved.command == request.command
+    assert os.stat(path).st_mode & 0o777 == 0o600 and os.stat(directory.path).st_mode & 0o777 == 0o700
+    assert Path(path).read_text() == f"{KEYS_ENV}={'p' * 40}{'s' * 40}\n"
+    directory.close()
+    assert not os.path.exists(directory.path)
+
+
+def test_worker_loads_the_file_into_its_environment_and_removes_it(tmp_path, monkeypatch):
+    monkeypatch.setenv(private_env.DIR_ENV, str(tmp_path / "private"))
+    directory = private_env.PrivateDirectory()
+    path = directory.write(1, {"EXECUTORLIB_SECRET": "cafe", "EXECUTORLIB_OTHER": "x=y"})
+    code = ("import os; from executorlib.interactive import private_env; private_env.load(); "
+            "print(os.environ['EXECUTORLIB_SECRET'], os.environ['EXECUTORLIB_OTHER'], "
+            "'EXECUTORLIB_PRIVATE_ENV' in os.environ)")
+    env = {**os.environ, private_env.PATH_ENV: path}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["cafe", "x=y", "False"], done.stderr
+    assert not os.path.exists(path)
+    again = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 1
+    assert f"private environment file {path} does not exist" in again.stderr
+    assert "set EXECUTORLIB_PRIVATE_DIR to a directory on a file system shared" in again.stderr
+    directory.close()
+
+
+def test_another_user_cannot_read_the_private_file(other_user, tmp_path, monkeypatch):
+    tmp_path.chmod(0o755)  # the other user may walk up to the private directory ...
+    monkeypatch.setenv(private_env.DIR_ENV, str(tmp_path / "private"))
+    directory = private_env.PrivateDirectory()
+    path = directory.write(1, {"EXECUTORLIB_SECRET": "cafe"})
+    os.chmod(os.path.dirname(directory.path), 0o755)  # ... and into its base, but no further
+    shown = other_user.run(["cat", path])
+    assert shown.returncode != 0 and "cafe" not in shown.stdout
+    assert "Permission denied" in shown.stderr
+    listed = other_user.run(["ls", directory.path])
+    assert listed.returncode != 0 and "Permission denied" in listed.stderr
+    directory.close()
+
+
+def test_a_base_directory_others_can_write_is_refused(tmp_path, monkeypatch):
+    base = tmp_path / "open"
+    base.mkdir()
+    base.chmod(0o777)
+    monkeypatch.setenv(private_env.DIR_ENV, str(base))
+    refused = "writable by nobody else; fix it .* or set EXECUTORLIB_PRIVATE_DIR"
+    with pytest.raises(PermissionError, match=refused):
+        private_env.PrivateDirectory()
+
+
+def test_pmi_modes_flux_serves_itself_need_no_plugin():
+    assert not needs_plugin(None)
+    assert not any(needs_plugin(mode) for mode in ("simple", "pmi1", "pmi2", "pmix,simple"))
+    assert all(needs_plugin(mode) for mode in ("pmix", "cray-pals", "bogus"))
+
+
+# ------------------------------------------------------- finding Flux for the tests
+def test_find_flux_without_flux_or_build_script_says_where_flux_comes_from(tmp_path):
+    """A machine with neither Flux nor ../shared/flux/build.sh: no silent skip."""
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    script = repo / "scripts" / "find-flux"
+    script.write_bytes((Path(__file__).parent.parent / "scripts" / "find-flux").read_bytes())
+    script.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "FLUX_PREFIX": str(tmp_path / "no-flux"), "HOME": str(tmp_path)}
+    done = subprocess.run([str(script)], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 1 and done.stdout == ""
+    for where in ("module load flux", "spack install flux-core flux-pmix", "conda install -c conda-forge"):
+        assert where in done.stderr.replace("\nfind-flux: ", " ")
+
+
+def test_find_flux_gives_a_flux_with_its_python_bindings():
+    script = Path(__file__).parent.parent / "scripts" / "find-flux"
+    found = subprocess.run([str(script)], capture_output=True, text=True, timeout=900)
+    assert found.returncode == 0, f"no Flux here: {found.stderr}"
+    check = "command -v flux && python3 -c 'import flux.job; print(flux.job.JobspecV1.__name__)'"
+    done = subprocess.run(["bash", "-c", f"{found.stdout}\n{check}"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0 and done.stdout.split()[-1] == "JobspecV1", done.stderr

@@ -14,7 +14,7 @@ import time
 import psutil
 import pytest
 import zmq
-from behaviour import BehaviourSuite, add, pid, sleep_then
+from behaviour import BehaviourSuite, add, pid, sleep_then, wait_for
 
 from executorlib import Executor, SingleNodeExecutor
 from executorlib.errors import WorkerDiedError
@@ -127,21 +127,23 @@ def test_script_without_shutdown_finishes_and_exits():
 
 
 @pytest.mark.parametrize("block", [True, False])
-def test_workers_exit_when_parent_is_killed(block):
+def test_workers_exit_when_parent_is_killed(block, tmp_path):
+    started = [str(tmp_path / f"started{i}") for i in range(2)]
     parent = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(
             f"""
-            import os, sys, time
+            import time
             from executorlib import Executor
+            from behaviour import started_then_wait
             exe = Executor(block_allocation={block}, max_workers=2)
-            futures = [exe.submit(time.sleep, 60) for _ in range(2)]
-            print(exe.submit(os.getpid).result() if {block} else "", flush=True)
-            time.sleep(60)
+            futures = [exe.submit(started_then_wait, path, path + ".never") for path in {started}]
+            time.sleep(600)
             """
         )],
         stdout=subprocess.PIPE, text=True,
     )
-    time.sleep(3)
+    for path in started:  # both calls run: their workers exist
+        wait_for(path)
     workers = [p for p in psutil.Process(parent.pid).children(recursive=True)]
     assert workers
     parent.send_signal(signal.SIGKILL)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,12 +19,14 @@ REPO = Path(__file__).resolve().parent.parent
 RUNNER = [sys.executable, str(REPO / "tests" / "notebook_runner.py")]
 
 
-def run(notebook: str, cwd: Path, prefix: tuple[str, ...] = (), timeout: float = 240):
-    """Execute ``notebooks/<notebook>``; the executed notebook (fails with the runner's
-    output when a cell raised)."""
+def run(notebook: str, cwd: Path, prefix: tuple[str, ...] = (), timeout: float = 240,
+        cells: tuple[str, ...] = ()):
+    """Execute ``notebook``; the executed notebook (fails with the runner's output when a
+    cell raised). ``cells``: e.g. ``("--only", "flux")`` (see notebook_runner.py)."""
     output = cwd / "executed.ipynb"
     done = subprocess.run(
-        [*prefix, *RUNNER, str(REPO / "notebooks" / notebook), "--cwd", str(cwd), "--output", str(output)],
+        [*prefix, *RUNNER, str(REPO / "notebooks" / notebook), "--cwd", str(cwd), "--output", str(output),
+         *cells],
         capture_output=True, text=True, timeout=timeout,
     )
     assert done.returncode == 0, f"{notebook} failed:\n{done.stdout}\n{done.stderr[-6000:]}"
@@ -65,7 +68,20 @@ def test_developer_notebook(tmp_path):
 @pytest.mark.timeout(300)
 def test_allocation_notebook_inside_salloc(slurm, tmp_path):
     allocation = ("salloc", "--ntasks=4", "--gres=gpu:2", "--time=10", "--quiet")
-    run("2-hpc-allocation.ipynb", tmp_path, prefix=allocation, timeout=280)
+    run("2-hpc-allocation.ipynb", tmp_path, prefix=allocation, timeout=280, cells=("--skip", "flux"))
+
+
+@pytest.mark.timeout(300)
+def test_allocation_notebook_flux_cells_inside_flux_start(tmp_path):
+    """Flux clears SLURM_* for its programs: its cells get a kernel of their own."""
+    if shutil.which("flux") is None:
+        pytest.fail("notebook 2's Flux cells need 'flux' on PATH: run scripts/run-tests, or "
+                    'eval "$(scripts/find-flux)" first')
+    notebook = run("2-hpc-allocation.ipynb", tmp_path, prefix=("flux", "start", "--test-size=2"),
+                   timeout=280, cells=("--only", "flux"))
+    listing = "".join(output.get("text", "") for output in notebook.cells[1].outputs)
+    assert "NNODES" in listing and "free" in listing  # `! flux resource list` ran
+    assert len(notebook.cells) == 5
 
 
 @pytest.mark.slurm

@@ -6,12 +6,13 @@ rank 0 sends back the list of per-rank results, or the first failing rank's exce
 
 import os
 import pickle
+import sys
 
 from mpi4py import MPI
 
 from executorlib import serialize
 from executorlib.interactive.auth import KEYS_ENV
-from executorlib.interactive.worker import Preload, connect_from_argv, run_call, serve
+from executorlib.interactive.worker import Preload, connect_from_argv, die_with_parent, run_call, serve
 
 COMM = MPI.COMM_WORLD
 
@@ -35,7 +36,8 @@ def run_everywhere(preload: Preload, frames: list) -> list | serialize.Failure:
 
 
 def main() -> None:
-    preload = Preload()
+    die_with_parent()
+    preload = Preload(worker_id=int(sys.argv[2]))  # argv: ADDRESS WORKER_ID
     if COMM.Get_rank() == 0:  # connect_from_argv reads and removes the launch's keys
         serve(connect_from_argv(), lambda frames: run_everywhere(preload, frames), lambda: os._exit(1))
         COMM.bcast(None)  # tells the other ranks to stop

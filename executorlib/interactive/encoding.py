@@ -8,6 +8,16 @@ cells must be immutable values, classes, modules, or functions importable by nam
 still bound to the very same objects. Anything else (a global list, a dict of settings)
 is pickled afresh on every call, so a worker always sees the current values.
 
+The cache never keeps a submitted callable alive: it holds plain functions through weak
+references, and only functions and module-level builtins are cached at all (a bound
+method pickles its instance, whose state may change). A classmethod of an importable
+class travels by reference, like a function, so the worker runs the very code of its
+module (and its traceback shows that file and line).
+
+Several calls in one message (a batch) are pickled one by one, so a call the worker
+cannot unpickle fails alone: the message's first frame is a plain pickle of
+``[(call pickle, number of its buffers), ...]``, the calls' buffers follow in order.
+
 Workers keep the functions they unpickled, keyed by those bytes, for the same reason.
 """
 
@@ -15,6 +25,7 @@ from __future__ import annotations
 
 import pickle
 import types
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +37,8 @@ _CACHE_SIZE = 256
 _IMMUTABLE = (int, float, complex, str, bytes, bool, type(None), range, frozenset,
               types.ModuleType, types.BuiltinFunctionType)
 _worker_functions: OrderedDict[bytes, Callable] = OrderedDict()
+# A batch's calls, each as (pickle of its _WireCall, number of out-of-band buffers).
+BatchHead = list[tuple[bytes, int]]
 
 
 def rebuild_call(function_pickle: bytes, args: tuple, kwargs: dict) -> protocol.Call:
@@ -55,38 +68,84 @@ class CallEncoder:
     """Executor side: frames for a call, reusing function pickles while they are valid."""
 
     def __init__(self) -> None:
-        self._functions: OrderedDict[int, tuple[Any, tuple, bytes]] = OrderedDict()
+        self._functions: OrderedDict[int, tuple[Callable[[], Any], tuple, bytes]] = OrderedDict()
 
     def encode(self, fn: Callable, args: tuple, kwargs: dict) -> list:
         """Frames of the call; raises if the function or arguments cannot be pickled."""
         return serialize.dumps(_WireCall(self._function_pickle(fn), args, kwargs), by_value=True)
 
     def encode_batch(self, calls: list[tuple[Callable, tuple, dict]]) -> list:
-        """Frames of several calls in one message; the worker runs them in order."""
-        wire = [_WireCall(self._function_pickle(fn), args, kwargs) for fn, args, kwargs in calls]
-        return serialize.dumps(wire, by_value=True)
+        """Frames of several calls in one message, each call pickled on its own (see
+        the module docstring); the worker runs them in order."""
+        head: BatchHead = []
+        buffers: list = []
+        for fn, args, kwargs in calls:
+            frames = self.encode(fn, args, kwargs)
+            head.append((bytes(frames[0]), len(frames) - 1))
+            buffers += frames[1:]
+        return [pickle.dumps(head, protocol=5), *buffers]
 
     def _function_pickle(self, fn: Callable) -> bytes:
         captured = _captured(fn)
         cached = self._functions.get(id(fn))
-        if cached is not None and cached[0] is fn and _same(cached[1], captured):
+        if cached is not None and cached[0]() is fn and _same(cached[1], captured):
             return cached[2]
-        data = serialize.dumps(fn, by_value=True)[0]
+        data = _by_reference(fn) or serialize.dumps(fn, by_value=True)[0]
         if captured is not None:
-            self._functions[id(fn)] = (fn, captured, data)
+            self._functions[id(fn)] = (_reference(fn), captured, data)
             if len(self._functions) > _CACHE_SIZE:
                 self._functions.popitem(last=False)
         return data
 
 
+def unpicklable_call(name: str, error: Exception) -> serialize.SerializationError:
+    """The error of a call whose function or arguments cannot be pickled."""
+    failure = serialize.SerializationError(
+        f"cannot send the call of {name} to a worker: its function or arguments "
+        f"cannot be pickled ({type(error).__name__}: {error})"
+    )
+    failure.__cause__ = error
+    return failure
+
+
+def split_batch(head: BatchHead, buffers: list) -> list[list]:
+    """Worker side: the frames of each call of a batch, for :func:`serialize.loads`."""
+    calls, start = [], 0
+    for call_pickle, count in head:
+        calls.append([call_pickle, *buffers[start:start + count]])
+        start += count
+    return calls
+
+
+def _reference(fn: Callable) -> Callable[[], Any]:
+    """A weak reference to a function; builtins (module-level, alive anyway) are kept."""
+    try:
+        return weakref.ref(fn)
+    except TypeError:
+        return lambda: fn
+
+
+def _by_reference(fn: Any) -> bytes | None:
+    """The by-name pickle of a classmethod of an importable class, else None."""
+    owner = getattr(fn, "__self__", None)
+    if not isinstance(fn, types.MethodType) or not isinstance(owner, type) or not _importable(owner):
+        return None
+    try:
+        return pickle.dumps(fn, protocol=5)
+    except Exception:
+        return None
+
+
 def _captured(fn: Any) -> tuple | None:
     """What a by-value pickle of ``fn`` captures, or None if any of it could change
-    without its identity changing (then the function is never cached)."""
+    without its identity changing (then the function is never cached). Only plain
+    functions and module-level builtins qualify: a bound method (``obj.method``,
+    ``[].append``) pickles its instance."""
     if isinstance(fn, types.BuiltinFunctionType):
-        return ()
-    code = getattr(fn, "__code__", None)
-    if code is None or getattr(fn, "__dict__", None):
+        return () if isinstance(getattr(fn, "__self__", None), (types.ModuleType, type(None))) else None
+    if not isinstance(fn, types.FunctionType) or fn.__dict__:
         return None
+    code = fn.__code__
     values = [fn.__globals__.get(name, _captured) for name in _global_names(code)]
     values += [cell.cell_contents for cell in fn.__closure__ or ()]
     values += list(fn.__defaults__ or ()) + list((fn.__kwdefaults__ or {}).values())
@@ -107,9 +166,14 @@ def _stable(value: Any) -> bool:
     if isinstance(value, tuple):
         return all(map(_stable, value))
     if isinstance(value, (types.FunctionType, type)):  # fine if a worker imports it by name
-        module = getattr(value, "__module__", None)
-        return module not in (None, "__main__") and "<locals>" not in value.__qualname__
+        return _importable(value)
     return False
+
+
+def _importable(value: Any) -> bool:
+    """Whether a worker can import ``value`` (a function or class) by its name."""
+    module = getattr(value, "__module__", None)
+    return module not in (None, "__main__") and "<locals>" not in value.__qualname__
 
 
 def _same(old: tuple, new: tuple | None) -> bool:

@@ -12,6 +12,7 @@ Cores are released when a worker's process has ended.
 
 from __future__ import annotations
 
+from executorlib.dependencies import claim, notify_cancelled
 from executorlib.interactive import protocol
 from executorlib.interactive.scheduler import ResultCache, Scheduler, Spawner, Worker
 from executorlib.resources import Resources
@@ -38,7 +39,7 @@ class PerTaskScheduler(Scheduler):
         while self._pending:
             task = self._pending[0]
             if task.future.cancelled():
-                self._pending.popleft()
+                notify_cancelled(self._pending.popleft().future)
             elif self._spares and self._default == task.resources:
                 self._pending.popleft()
                 self._run_on_spare(task)
@@ -53,14 +54,14 @@ class PerTaskScheduler(Scheduler):
         self._start_spares()
 
     def _start_for(self, task: Task) -> None:
-        if not task.future.set_running_or_notify_cancel():
+        if not claim(task.future):
             return
         self._used += task.resources.slots
         if self._spawn(task.resources, task) is None:
             self._used -= task.resources.slots
 
     def _run_on_spare(self, task: Task) -> None:
-        if not task.future.set_running_or_notify_cancel():
+        if not claim(task.future):
             return
         booted = [spare for spare in self._spares if spare.peer is not None]
         worker = (booted or self._spares)[0]
@@ -96,7 +97,7 @@ class PerTaskScheduler(Scheduler):
 
     def _on_task_done(self, worker: Worker) -> None:
         worker.stopping = True
-        self._socket.send(worker.peer, protocol.STOP)
+        self._send(worker, protocol.STOP)
 
     def _on_worker_gone(self, worker: Worker) -> None:
         self._used -= worker.resources.slots

@@ -1,32 +1,50 @@
 """Block allocation: a fixed set of long-lived workers, each serving call after call.
 
-While every worker is busy and calls wait, each worker is sent one call ahead, so it
-never sits idle between calls (the standard library's pool queues ahead the same way);
-that call counts as running and can no longer be cancelled. While a long queue waits (at
-least 16 calls per worker), calls travel eight to a message, which halves the messages
-per call; each result still comes back on its own as soon as it is there.
+No call waits behind another while a worker is idle: with several workers, a worker
+gets its next call only once it is free. A call handed to a busy worker could not be
+taken back when another worker falls idle (a worker reads its next message only when
+its call returns), so a quick call could wait minutes behind a long one. A pool of one
+worker has no one to wait for: there, while calls wait, the worker is sent one call
+ahead, so it never sits idle between calls (the standard library's pool queues ahead
+the same way; that call counts as running and can no longer be cancelled), and while a
+long queue waits (at least 16 calls), calls travel eight to a message, which halves
+the messages per call; each result still comes back on its own as soon as it is there.
+When a worker dies, the call it was running fails; calls sent ahead that it never
+started go back to the queue (scheduler.py).
 
 ``init_function`` runs once per worker when it connects; a worker is idle only after
-that. A worker that ends is replaced. If workers die before they ever connect, or
-``init_function`` fails, the pool is broken: every queued and later call fails with the
-reason instead of waiting for a worker that will never come.
+that. Workers are numbered 0 ... size-1 (a function that declares a parameter
+``executorlib_worker_id`` receives the number; worker.py); a worker that ends is
+replaced under its number, up to ``restart_limit`` times (None: always). ``resize``
+changes the size of a running pool: more starts workers; fewer stops idle workers first
+and busy ones after their call, so no call is lost or run twice (numbers then stay
+unique, below the largest size the pool had). Starting one may fail for a moment (too many open
+files): the pool tries again, backing off, and is broken only after several failures
+in a row, as when workers die before they ever connect, or ``init_function`` fails:
+every queued and later call then fails with the reason instead of waiting for a worker
+that will never come.
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
 from executorlib import serialize
-from executorlib.dependencies import settle
+from executorlib.dependencies import claim, settle
 from executorlib.errors import WorkerDiedError, with_remote_traceback
 from executorlib.interactive import protocol
 from executorlib.interactive.scheduler import ResultCache, Scheduler, Spawner, Worker
 from executorlib.resources import Resources
 
-_START_FAILURES_BEFORE_BROKEN = 3
-_CALLS_PER_WORKER = 2  # a worker gets more once it holds fewer calls than this
+_START_FAILURES_BEFORE_BROKEN = 5  # in a row: failed spawns and workers dead before connecting
+_RETRY_FIRST_S = 0.1  # back-off before the next start, doubled per failure: 0.1 ... 1.6 s
+_CALLS_AHEAD = 1  # a lone worker gets one call beyond the one it runs
 _MAX_BATCH = 8  # calls in one message when many wait
+_log = logging.getLogger("executorlib")
 
 
 class PoolScheduler(Scheduler):
@@ -35,20 +53,70 @@ class PoolScheduler(Scheduler):
     def __init__(
         self, spawner: Spawner, resources: Resources, size: int,
         init_function: Callable[[], dict] | None = None, host: str | None = None,
-        cache: ResultCache | None = None,
+        cache: ResultCache | None = None, restart_limit: int | None = None,
     ) -> None:
         super().__init__(spawner, host, cache)
         self._resources = resources
-        self._size = size
+        self._size = self._requested_size = size
+        self._restart_limit = restart_limit
+        self._restarts = 0
+        self._retiring: set[Worker] = set()  # to stop once their calls are done
         self._init_frames = serialize.dumps(init_function, by_value=True) if init_function else None
         self._ready: list[Worker] = []
         self._broken: BaseException | None = None
         self._start_failures = 0
+        self._missing: set[int] = set()  # worker numbers to start when the back-off timer comes
 
-    def start(self) -> None:
-        for _ in range(self._size):
-            self._spawn(self._resources)
-        super().start()
+    @property
+    def size(self) -> int:
+        """The number of workers the pool keeps (or is about to keep, after a resize)."""
+        return self._requested_size
+
+    def resize(self, size: int) -> None:
+        """Keep ``size`` workers from now on (any thread; done by the manager thread)."""
+        self._requested_size = size
+        self.run_in_manager(lambda: self._resize(size))
+
+    def _on_start(self) -> None:
+        self._fill()
+
+    def _fill(self) -> None:
+        """Start workers until ``size`` run or start, under the lowest free numbers."""
+        active = sum(w not in self._retiring for w in self._workers.values()) + len(self._missing)
+        free = (i for i in itertools.count() if i not in self._workers and i not in self._missing)
+        for _ in range(self._size - active):
+            self._start(next(free))
+
+    def _start(self, worker_id: int) -> None:
+        self._missing.discard(worker_id)
+        if self._broken is None and not self._done():
+            self._spawn(self._resources, worker_id=worker_id)
+
+    def _done(self) -> bool:
+        """Shutting down with no call left to run: no worker needs replacing."""
+        return self._stopping and not self._pending
+
+    def _resize(self, size: int) -> None:
+        self._size = size
+        live = [w for w in self._workers.values() if w not in self._retiring and not w.stopping]
+        surplus = len(live) + len(self._missing) - size
+        while surplus > 0 and self._missing:  # not started yet: simply not started
+            self._missing.discard(max(self._missing))
+            surplus -= 1
+        for worker in sorted(live, key=lambda w: (bool(w.tasks), w.ready))[:max(0, surplus)]:
+            self._retire(worker)  # idle ones first, then those still starting, then busy
+        self._fill()
+
+    def _retire(self, worker: Worker) -> None:
+        """Give ``worker`` no more calls; stop it once it holds none."""
+        self._on_connection_lost(worker)
+        self._retiring.add(worker)
+        if worker.peer is None:
+            worker.stopping = True
+            worker.process.stop()
+        elif not worker.tasks:
+            worker.stopping = True
+            self._send(worker, protocol.STOP)
 
     def _schedule(self) -> None:
         if self._broken is not None:
@@ -59,64 +127,116 @@ class PoolScheduler(Scheduler):
             batch = []
             while self._pending and len(batch) < self._batch_size():
                 task = self._pending.popleft()
-                if task.future.set_running_or_notify_cancel():
+                if claim(task.future):
                     batch.append(task)
             self._send_calls(worker, batch)
 
     def _batch_size(self) -> int:
-        """Calls per message: _MAX_BATCH while at least twice that many wait per worker
-        (a long queue of calls), else one; MPI workers take one call at a time."""
-        if self._resources.cores > 1:
+        """Calls per message: _MAX_BATCH for a lone worker while at least twice that
+        many wait, else one; MPI workers take one call at a time."""
+        if self._resources.cores > 1 or self._size > 1:
             return 1
-        share = len(self._pending) // max(1, len(self._ready))
-        return _MAX_BATCH if share >= 2 * _MAX_BATCH else 1
+        return _MAX_BATCH if len(self._pending) >= 2 * _MAX_BATCH else 1
 
     def _least_busy(self) -> Worker | None:
+        """An idle worker; a lone worker also while it holds fewer calls than 1 + ahead."""
+        capacity = 1 + (_CALLS_AHEAD if self._size == 1 else 0)
         worker = min(self._ready, key=lambda w: len(w.tasks), default=None)
-        return worker if worker is not None and len(worker.tasks) < _CALLS_PER_WORKER else None
+        return worker if worker is not None and len(worker.tasks) < capacity else None
 
     def _on_connected(self, worker: Worker) -> None:
         self._start_failures = 0
         if self._init_frames is None:
             self._on_ready(worker)
         else:
-            self._socket.send(worker.peer, protocol.INIT, self._init_frames)
+            self._send(worker, protocol.INIT, self._init_frames)
 
     def _on_ready(self, worker: Worker) -> None:
         worker.ready = True
-        self._ready.append(worker)
+        if worker not in self._retiring:
+            self._ready.append(worker)
 
     def _on_task_done(self, worker: Worker) -> None:
-        """The worker takes the next call in ``_schedule``."""
+        """The worker takes the next call in ``_schedule``, or stops if it retires."""
+        if worker in self._retiring and not worker.tasks and not worker.stopping:
+            worker.stopping = True
+            self._send(worker, protocol.STOP)
 
     def _on_message(self, peer: Any, kind: bytes, frames: list) -> None:
         worker = self._workers.get(peer.worker_id)
         if kind == protocol.FAILURE and worker is not None and not worker.ready:
-            failure = serialize.loads(frames)  # init_function raised
-            self._broken = with_remote_traceback(failure.exception, failure.traceback)
+            self._broken = _init_error(worker, frames)
             worker.process.stop()
             return
         super()._on_message(peer, kind, frames)
 
-    def _on_worker_gone(self, worker: Worker) -> None:
+    def _on_connection_lost(self, worker: Worker) -> None:
         if worker in self._ready:
             self._ready.remove(worker)
-        if self._stopping or self._broken is not None:
+
+    def _on_worker_gone(self, worker: Worker) -> None:
+        self._on_connection_lost(worker)
+        if worker in self._retiring or self._done() or self._broken is not None:
+            self._retiring.discard(worker)
             return
         if worker.peer is None:
-            self._start_failures += 1
-            if self._start_failures >= _START_FAILURES_BEFORE_BROKEN:
-                self._broken = WorkerDiedError(
-                    f"{_START_FAILURES_BEFORE_BROKEN} workers in a row ended before connecting; "
-                    f"the last: {worker.describe()} {worker.process.how_it_ended()}"
-                )
-                return
-        self._spawn(self._resources)
+            self._count_start_failure(
+                f"workers ended before connecting; the last: {worker.describe()} "
+                f"{worker.process.how_it_ended()}", worker_id=worker.worker_id,
+            )
+        elif self._restart_limit is not None and self._restarts >= self._restart_limit:
+            self._broken = WorkerDiedError(
+                f"restart_limit={self._restart_limit} reached: {worker.describe()} ended "
+                f"({worker.process.how_it_ended()}) after {self._restarts} replacements"
+            )
+        else:
+            self._restarts += 1
+            self._fill()
 
-    def _on_start_failure(self, error: Exception) -> None:
-        self._broken = error
+    def _on_start_failure(self, error: Exception, worker_id: int | None = None) -> None:
+        self._count_start_failure(
+            f"starting a worker failed: {type(error).__name__}: {error}", error, worker_id
+        )
+
+    def _count_start_failure(
+        self, what: str, error: Exception | None = None, worker_id: int | None = None
+    ) -> None:
+        """Start a worker again after a back-off; broken after too many failures in a row."""
+        self._start_failures += 1
+        if self._start_failures >= _START_FAILURES_BEFORE_BROKEN:
+            self._broken = WorkerDiedError(f"{self._start_failures} times in a row {what}")
+            self._broken.__cause__ = error
+            return
+        delay = _RETRY_FIRST_S * 2 ** (self._start_failures - 1)
+        _log.warning("executorlib: %s; trying again in %.1f s (%d of %d)", what, delay,
+                     self._start_failures, _START_FAILURES_BEFORE_BROKEN)
+        if worker_id is not None:
+            self._missing.add(worker_id)
+        if self._timer is None:
+            self._timer = time.monotonic() + delay
+
+    def _on_timer(self) -> None:
+        missing, self._missing = sorted(self._missing), set()
+        for worker_id in missing:
+            if worker_id not in self._workers:
+                self._start(worker_id)
 
     def _broken_error(self) -> BaseException:
         error = WorkerDiedError(f"the worker pool cannot start workers: {self._broken}")
         error.__cause__ = self._broken
         return error
+
+
+def _init_error(worker: Worker, frames: list) -> BaseException:
+    """init_function's exception from its FAILURE (a clear error if it won't unpickle)."""
+    try:
+        failure = serialize.loads(frames)
+        return with_remote_traceback(failure.exception, failure.traceback)
+    except BaseException as error:  # noqa: BLE001 - reported as the pool's reason
+        reason = RuntimeError(
+            f"init_function failed on {worker.describe()}, and its exception could not be "
+            f"unpickled here ({type(error).__name__}: {error}); make the exception "
+            "picklable, or catch it inside init_function"
+        )
+        reason.__cause__ = error
+        return reason

@@ -9,79 +9,51 @@ Data flow::
                                             every worker's pidfd + stderr pipe]
          inbox   -> cache lookup -> pending (FIFO) -> policy picks/starts a worker
          ROUTER  -> HELLO / READY / RESULT / FAILURE  -> futures resolved here
-         pidfd   -> worker ended: its call fails with exit code/signal + stderr tail
+         pidfd   -> worker ended: its call fails with exit code/signal + stderr tail;
+                    calls sent ahead that it never started go back to the queue
 
 Subclasses (pool.py, per_task.py) decide which worker runs what; this module owns the
 loop, the workers' bookkeeping and every way a call can end. The loop sleeps in one poll
-and is woken by events only; the only timeout is the grace period for workers to exit.
+and is woken by events only; its timeouts are the grace period for workers to exit and
+a subclass's back-off before it starts a worker again.
+
+Nothing that goes wrong with one call or one worker stops the loop: a call that cannot
+be pickled, a result or error that cannot be unpickled here (even by raising
+SystemExit), a send to a worker whose connection closed before its process ended (the
+call goes back to the queue) — each ends that call or that worker, never the executor.
+Every worker is started from the manager thread, which outlives them: a worker's
+parent-death signal (spawner.py) fires when the executor's process ends.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
+import time
 import weakref
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
 
 import zmq
 
 from executorlib import serialize
-from executorlib.dependencies import settle, substitute, when_resolved
+from executorlib.dependencies import notify_cancelled, settle, substitute, when_resolved
 from executorlib.errors import ExecutorShutdownError, WorkerDiedError, with_remote_traceback
 from executorlib.interactive import protocol
 from executorlib.interactive.channel import ExecutorSocket, Peer
-from executorlib.interactive.encoding import CallEncoder
-from executorlib.interactive.spawner import Launch, WorkerProcess
+from executorlib.interactive.encoding import CallEncoder, unpicklable_call
+from executorlib.interactive.parts import Inbox, ResultCache, Spawner, Worker
+from executorlib.interactive.spawner import Launch
 from executorlib.resources import Resources
 from executorlib.task import Task
 
+__all__ = ["ResultCache", "Scheduler", "Spawner", "Worker"]
+
 _EXIT_GRACE_MS = 5_000
 _LIVE: weakref.WeakSet[Scheduler] = weakref.WeakSet()
-
-
-class Spawner(Protocol):
-    """Starts workers: local processes, srun steps, Flux jobs."""
-
-    bind_host: str
-    name: str
-    spares: bool  # may idle workers be started ahead of calls (local processes only)
-
-    def start(self, launch: Launch) -> WorkerProcess: ...
-
-
-class ResultCache(Protocol):
-    """Optional result cache between "inputs ready" and "run" (see cache.py)."""
-
-    def load(self, task: Task) -> bool: ...
-
-    def store(self, task: Task, value: Any) -> None: ...
-
-
-@dataclass(eq=False)
-class Worker:
-    """The manager's view of one worker process."""
-
-    worker_id: int
-    resources: Resources
-    process: WorkerProcess
-    peer: Peer | None = None
-    tasks: deque[Task] = field(default_factory=deque)  # sent (or to send), oldest first
-    ready: bool = False  # connected, and init_function done where there is one
-    stopping: bool = False
-
-    def describe(self) -> str:
-        where = f" on {self.peer.host} (pid {self.peer.pid})" if self.peer else ""
-        return f"worker {self.worker_id}{where}"
-
-
-@dataclass
-class _Inbox:
-    """Events for the manager thread, from any thread."""
-
-    items: deque = field(default_factory=deque)
-    fd: int = field(default_factory=lambda: os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
 
 
 class Scheduler:
@@ -92,15 +64,16 @@ class Scheduler:
         self._cache = cache
         self._encoder = CallEncoder()
         self._socket = ExecutorSocket(host or spawner.bind_host)
-        self._inbox = _Inbox()
+        self._inbox = Inbox()
         self._pending: deque[Task] = deque()
         self._workers: dict[int, Worker] = {}
         self._fd_owner: dict[int, Worker] = {}
         self._next_worker_id = 0
-        self._waiting: set[Task] = set()  # tasks whose input futures are not done yet
+        self._waiting: set[Future] = set()  # futures of calls whose inputs are not done yet
         self._lock = threading.Lock()
         self._stopping = False
         self._closed = False
+        self._timer: float | None = None  # time.monotonic() at which to call _on_timer
         self._poller = zmq.Poller()
         self._poller.register(self._socket.socket, zmq.POLLIN)
         self._poller.register(self._inbox.fd, zmq.POLLIN)
@@ -113,12 +86,13 @@ class Scheduler:
 
     def submit(self, task: Task, inputs: list | None = None) -> None:
         """Queue ``task``; with ``inputs`` (futures), only once they all succeeded."""
+        task.future.add_done_callback(notify_cancelled)  # wait() learns of cancels at once
         if not inputs:
             self._post_unless_cached(task)
             return
         with self._lock:
-            self._waiting.add(task)
-        task.future.add_done_callback(lambda _: self._forget_waiting(task))
+            self._waiting.add(task.future)
+        task.future.add_done_callback(self._forget_waiting)
         when_resolved(inputs, task.future, lambda: self._release(task))
 
     def shutdown(self, wait: bool, cancel_futures: bool) -> None:
@@ -126,16 +100,20 @@ class Scheduler:
         if cancel_futures:
             with self._lock:
                 waiting = list(self._waiting)
-            for task in waiting:
-                task.future.cancel()
-        self._post(("stop", cancel_futures))
+            for future in waiting:
+                future.cancel()
+        self._post(functools.partial(self._begin_stop, cancel_futures))
         if wait and self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join()
 
     def _release(self, task: Task) -> None:
+        """Inputs done: substitute them and queue ``task`` (if this raises, the task's
+        future fails with the error: dependencies.when_resolved)."""
+        if task.future.cancelled():
+            return
         task.args, task.kwargs = substitute(task.args), substitute(task.kwargs)
         self._post_unless_cached(task)
-        self._forget_waiting(task)
+        self._forget_waiting(task.future)
 
     def _post_unless_cached(self, task: Task) -> None:
         """A cache hit resolves the future right here, in the submitting (or releasing)
@@ -143,9 +121,9 @@ class Scheduler:
         if self._cache is None or not self._cache.load(task):
             self._post(task)
 
-    def _forget_waiting(self, task: Task) -> None:
+    def _forget_waiting(self, future: Future) -> None:
         with self._lock:
-            self._waiting.discard(task)
+            self._waiting.discard(future)
         self._wake()
 
     def _post(self, item: Any) -> None:
@@ -168,33 +146,46 @@ class Scheduler:
     # ------------------------------------------------------------ manager thread
     def _run(self) -> None:
         try:
+            self._on_start()
             while True:
                 self._take_inbox()
                 self._schedule()
-                if self._stopping and self._drained():
+                ending = self._stopping and self._drained()
+                if ending:
                     if not self._workers:
                         return
                     self._stop_idle_workers()
-                timeout = _EXIT_GRACE_MS if self._stopping and self._drained() else None
-                events = self._poller.poll(timeout)
-                if not events and timeout is not None:
+                events = self._poller.poll(_EXIT_GRACE_MS if ending else self._timer_ms())
+                if not events and ending:
                     self._kill_all()  # workers that did not exit within the grace period
                 for source, _ in events:
                     self._handle(source)
+                if self._timer is not None and time.monotonic() >= self._timer:
+                    self._timer = None
+                    self._on_timer()
         except BaseException as error:  # a bug here must not leave futures pending forever
             self._fail_everything(error)
             raise
         finally:
             self._close()
 
+    def _timer_ms(self) -> int | None:
+        if self._timer is None:
+            return None
+        return max(0, int((self._timer - time.monotonic()) * 1000) + 1)
+
     def _handle(self, source: Any) -> None:
         if source is self._socket.socket:
-            while message := self._socket.receive():
+            while message := self._receive():
                 self._on_message(*message)
         elif source == self._inbox.fd:
             os.eventfd_read(self._inbox.fd)
         elif (worker := self._fd_owner.get(source)) and worker.process.on_readable(source):
             self._on_exit(worker)
+
+    def run_in_manager(self, action: Callable[[], None]) -> None:
+        """Have the manager thread run ``action`` (e.g. a pool's resize) between events."""
+        self._post(action)
 
     def _take_inbox(self) -> None:
         while self._inbox.items:
@@ -202,11 +193,21 @@ class Scheduler:
             if isinstance(item, Task):
                 self._pending.append(item)
             else:
-                self._stopping = True
-                if item[1]:  # cancel_futures
-                    for task in self._pending:
-                        task.future.cancel()
-                    self._pending.clear()
+                item()  # an action posted by shutdown() or run_in_manager()
+
+    def _begin_stop(self, cancel_futures: bool) -> None:
+        self._stopping = True
+        if cancel_futures:  # calls put back after their worker died are running: they run
+            self._pending = deque(t for t in self._pending if not t.future.cancel())
+
+    def _receive(self) -> tuple | None:
+        """The next message; a WELCOME that could not reach a worker which vanished
+        right after its HELLO loses that worker only (its process end is reported)."""
+        while True:
+            try:
+                return self._socket.receive()
+            except zmq.ZMQError:
+                continue
 
     def _drained(self) -> bool:
         with self._lock:
@@ -215,16 +216,19 @@ class Scheduler:
         return not (waiting or self._pending or self._inbox.items or busy)
 
     # -------------------------------------------------------------- workers
-    def _spawn(self, resources: Resources, task: Task | None = None) -> Worker | None:
-        """Start a worker; on failure fail ``task`` (if given) with the launcher's error."""
-        worker_id, self._next_worker_id = self._next_worker_id, self._next_worker_id + 1
+    def _spawn(self, resources: Resources, task: Task | None = None, worker_id: int | None = None
+               ) -> Worker | None:
+        """Start a worker (with ``worker_id``, or the next free number); on failure fail
+        ``task`` (if given) with the launcher's error."""
+        if worker_id is None:
+            worker_id, self._next_worker_id = self._next_worker_id, self._next_worker_id + 1
         launch = Launch(self._socket.address, worker_id, resources, self._socket.launch_keys(worker_id))
         try:
             process = self._spawner.start(launch)
         except Exception as error:
             if task is not None:
                 settle(task.future, exception=error)
-            self._on_start_failure(error)
+            self._on_start_failure(error, worker_id)
             return None
         worker = Worker(worker_id, resources, process)
         if task is not None:
@@ -236,18 +240,14 @@ class Scheduler:
         return worker
 
     def _send_call(self, worker: Worker, task: Task) -> bool:
-        """Hand ``task`` to ``worker``; False (future failed) if it cannot be pickled."""
+        """Hand ``task`` to ``worker``; False if it cannot be pickled (its future
+        failed) or the worker's connection is gone (the task is queued again)."""
         try:
             frames = self._encoder.encode(task.fn, task.args, task.kwargs)
         except Exception as error:
-            settle(task.future, exception=TypeError(
-                f"cannot send the call of {task.name} to a worker: its function or arguments "
-                f"cannot be pickled ({type(error).__name__}: {error})"
-            ))
+            settle(task.future, exception=unpicklable_call(task.name, error))
             return False
-        worker.tasks.append(task)
-        self._socket.send(worker.peer, protocol.CALL, frames)
-        return True
+        return self._deliver(worker, [task], frames)
 
     def _send_calls(self, worker: Worker, tasks: list[Task]) -> None:
         """Hand several tasks to ``worker`` in one message (one result each comes back);
@@ -258,11 +258,36 @@ class Scheduler:
             except Exception:
                 frames = None
             if frames is not None:
-                worker.tasks.extend(tasks)
-                self._socket.send(worker.peer, protocol.CALL, frames)
+                self._deliver(worker, tasks, frames)
                 return
-        for task in tasks:
+        for index, task in enumerate(tasks):
+            if worker.stopping:  # the connection is gone: the rest waits for another worker
+                self._pending.extendleft(reversed(tasks[index:]))
+                return
             self._send_call(worker, task)
+
+    def _deliver(self, worker: Worker, tasks: list[Task], frames: list) -> bool:
+        if not self._send(worker, protocol.CALL, frames):
+            self._pending.extendleft(reversed(tasks))  # never reached the worker
+            return False
+        worker.tasks.extend(tasks)
+        return True
+
+    def _send(self, worker: Worker, kind: bytes, frames: list = ()) -> bool:
+        """Send to ``worker``; False if its connection is gone while its process still
+        runs (mpiexec and srun outlive their rank 0 for a moment): the worker is then
+        stopped, and its end reported when its process has gone."""
+        try:
+            self._socket.send(worker.peer, kind, frames)
+            return True
+        except zmq.ZMQError:
+            self._lose(worker)
+            return False
+
+    def _lose(self, worker: Worker) -> None:
+        worker.stopping = True
+        worker.process.stop()
+        self._on_connection_lost(worker)
 
     def _on_message(self, peer: Peer, kind: bytes, frames: list) -> None:
         worker = self._workers.get(peer.worker_id)
@@ -273,17 +298,24 @@ class Scheduler:
             self._on_connected(worker)
         elif kind == protocol.READY:
             self._on_ready(worker)
-        elif kind in (protocol.RESULT, protocol.FAILURE):
-            self._resolve(worker.tasks.popleft(), kind, frames)
+        elif kind in (protocol.RESULT, protocol.FAILURE) and worker.tasks:
+            task = worker.tasks.popleft()
             self._on_task_done(worker)
+            self._take_inbox()  # a shutdown(cancel_futures=True) posted before this result
+            self._schedule()  # the worker's next call first: it waits while we resolve
+            self._resolve(task, kind, frames)
 
     def _resolve(self, task: Task, kind: bytes, frames: list) -> None:
         try:
             value = serialize.loads(frames)
-        except Exception as error:
-            settle(task.future, exception=RuntimeError(
-                f"the result of {task.name} arrived but could not be unpickled here: {error!r}"
-            ))
+        except BaseException as error:  # even SystemExit from a __reduce__: this call only
+            what = "result" if kind == protocol.RESULT else "exception"
+            failure = RuntimeError(
+                f"the {what} of {task.name} arrived but could not be unpickled here: {error!r}"
+                "; make it picklable with the modules this process imports"
+            )
+            failure.__cause__ = error
+            settle(task.future, exception=failure)
             return
         if kind == protocol.FAILURE:
             settle(task.future, exception=with_remote_traceback(value.exception, value.traceback))
@@ -299,9 +331,11 @@ class Scheduler:
                 self._poller.unregister(fd)
         del self._workers[worker.worker_id]
         self._socket.forget(worker.worker_id, worker.peer)
-        while worker.tasks:
+        if worker.tasks:  # the oldest was running (or being started); the rest never started
             task = worker.tasks.popleft()
             settle(task.future, exception=self._death_error(worker, task))
+            self._pending.extendleft(reversed(worker.tasks))
+            worker.tasks.clear()
         self._on_worker_gone(worker)
 
     def _death_error(self, worker: Worker, task: Task) -> WorkerDiedError:
@@ -317,7 +351,7 @@ class Scheduler:
                 continue
             worker.stopping = True
             if worker.peer is not None:
-                self._socket.send(worker.peer, protocol.STOP)
+                self._send(worker, protocol.STOP)
             else:
                 worker.process.stop()  # still starting: nothing to finish
 
@@ -340,6 +374,15 @@ class Scheduler:
         self._socket.close()
 
     # ------------------------------------------------ policy: for subclasses
+    def _on_start(self) -> None:
+        """First thing in the manager thread (start workers here: see the docstring)."""
+
+    def _on_timer(self) -> None:
+        """``self._timer`` has come."""
+
+    def _on_connection_lost(self, worker: Worker) -> None:
+        """A send to ``worker`` failed: give it no more calls (its end follows)."""
+
     def _schedule(self) -> None:
         """Start pending tasks on workers as the policy allows."""
         raise NotImplementedError
@@ -356,8 +399,9 @@ class Scheduler:
     def _on_worker_gone(self, worker: Worker) -> None:
         raise NotImplementedError
 
-    def _on_start_failure(self, error: Exception) -> None:
-        """A spawner raised while starting a worker (the task, if any, already failed)."""
+    def _on_start_failure(self, error: Exception, worker_id: int) -> None:
+        """A spawner raised while starting worker ``worker_id`` (its task, if it had
+        one, already failed)."""
 
 
 def _stop_all_at_exit() -> None:

@@ -5,6 +5,15 @@ python or ``mpiexec``; ``srun`` and Flux live in their own modules) and returns 
 :class:`WorkerProcess`, whose file descriptors the scheduler's single poll watches: a
 pidfd that becomes readable when the process ends, and its stderr pipe, which is passed
 through to our stderr while the last lines are kept for error messages.
+
+Every worker dies with the executor, whatever its call is doing (a C loop that holds
+the GIL included): the kernel sends it a parent-death signal (``PR_SET_PDEATHSIG``).
+A Python worker sets it for itself at start (worker.die_with_parent: it ends within 16 s,
+after its watchdog had the chance to clean up); a launcher we start (``mpiexec``,
+``srun``) gets SIGTERM through a tiny wrapper that sets it and then execs the launcher,
+and a launcher's SIGTERM ends its ranks or its step; each rank, whose parent is the
+launcher, sets its own too. Workers are started from the manager thread, which
+outlives them: the "parent" of a parent-death signal is the thread that started it.
 """
 
 from __future__ import annotations
@@ -21,6 +30,12 @@ from executorlib.processes import child_environment, describe_exit, mpiexec_pref
 from executorlib.resources import Resources
 
 _STDERR_TAIL_BYTES = 4096
+# Runs as the launcher's process before it execs: SIGTERM (15) when our manager thread,
+# its parent, ends (PR_SET_PDEATHSIG = 1); exit at once if that happened already.
+_DIE_WITH_PARENT_EXEC = (
+    "import ctypes, os, sys; ctypes.CDLL(None, use_errno=True).prctl(1, 15, 0, 0, 0); "
+    "os.getppid() == int(sys.argv[1]) or os._exit(1); os.execvp(sys.argv[2], sys.argv[2:])"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +54,8 @@ class WorkerProcess:
     def __init__(self, argv: list[str], env: dict[str, str], cwd: str | None) -> None:
         self.argv = argv
         self.popen = subprocess.Popen(
-            argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            _dying_with_us(argv), env=env, cwd=cwd, stdin=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
             start_new_session=True,  # Ctrl-C reaches the executor, which stops workers
         )
         self._pidfd = os.pidfd_open(self.popen.pid)
@@ -74,8 +90,13 @@ class WorkerProcess:
             self._on_stderr(chunk)
 
     def _on_stderr(self, chunk: bytes) -> None:
-        """Pass the worker's stderr through to ours; keep its last lines."""
-        sys.stderr.write(chunk.decode(errors="replace"))
+        """Pass the worker's stderr through to ours (where we still have one: a closed
+        pipe or ``sys.stderr = None`` is no reason to stop); keep its last lines."""
+        try:
+            sys.stderr.write(chunk.decode(errors="replace"))
+            sys.stderr.flush()
+        except (AttributeError, OSError, ValueError):  # None, a closed pipe, a closed file
+            pass
         self._tail += chunk
         del self._tail[:-_STDERR_TAIL_BYTES]
 
@@ -90,6 +111,14 @@ class WorkerProcess:
         if self.popen.returncode is None:
             with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
                 os.killpg(self.popen.pid, signal.SIGKILL)
+
+
+def _dying_with_us(argv: list[str]) -> list[str]:
+    """``argv``, or for a launcher (not Python itself) the wrapper that makes the
+    launcher get SIGTERM when this process ends (see the module docstring)."""
+    if argv[0] == sys.executable:
+        return argv  # a Python worker sets its parent-death signal itself
+    return [sys.executable, "-I", "-S", "-c", _DIE_WITH_PARENT_EXEC, str(os.getpid()), *argv]
 
 
 class LocalSpawner:

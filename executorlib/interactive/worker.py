@@ -12,11 +12,13 @@ from collections.abc import Callable
 from typing import Any
 
 from executorlib import serialize
-from executorlib.interactive import protocol
+from executorlib.interactive import private_env, protocol
 from executorlib.interactive.auth import LaunchKeys
 from executorlib.interactive.channel import WorkerConnection
+from executorlib.interactive.encoding import split_batch
 
 CONNECT_TIMEOUT_ENV = "EXECUTORLIB_CONNECT_TIMEOUT"
+_PARENT_DEATH_SIGNAL = 16  # SIGSTKFLT; also the seconds until SIGALRM (die_with_parent)
 # What runs a Call on this worker: one process, or every MPI rank (returning a list).
 Runner = Callable[[list], Any]
 
@@ -26,6 +28,7 @@ def connect_from_argv() -> WorkerConnection:
     environment (removed from it here, so nothing this worker starts inherits them)."""
     address, worker_id = sys.argv[1], int(sys.argv[2])
     host = os.uname().nodename
+    private_env.load()  # launchers that record the environment (Flux) pass it in a file
     try:
         keys = LaunchKeys.pop_from_env()
         timeout_s = float(os.environ.get(CONNECT_TIMEOUT_ENV, "60"))
@@ -35,6 +38,26 @@ def connect_from_argv() -> WorkerConnection:
             f"executorlib worker {worker_id} on {host}: {error}. If this worker runs on another "
             "node than the executor, do not use hostname_localhost=True."
         )
+
+
+def die_with_parent() -> None:
+    """Make sure this process ends within seconds of its parent (the executor, or its
+    mpiexec, srun step or Flux shell), even while a call holds the GIL.
+
+    The kernel sends SIGSTKFLT (16, unused on Linux) when the parent ends
+    (PR_SET_PDEATHSIG); its handler is libc's ``alarm`` itself, so, without the GIL,
+    SIGALRM ends the process 16 seconds later. Until then the watchdog thread (when the
+    interpreter is responsive) sweeps this worker's shared-memory files and exits.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.signal.argtypes, libc.signal.restype = [ctypes.c_int, ctypes.c_void_p], ctypes.c_void_p
+    parent = os.getppid()
+    libc.signal(_PARENT_DEATH_SIGNAL, ctypes.cast(libc.alarm, ctypes.c_void_p))  # alarm(16)
+    libc.prctl(1, _PARENT_DEATH_SIGNAL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent ended before the signal was set
+        os._exit(1)
 
 
 def serve(connection: WorkerConnection, run: Runner, on_lost: Callable[[], None]) -> None:
@@ -61,15 +84,16 @@ def serve(connection: WorkerConnection, run: Runner, on_lost: Callable[[], None]
 
 class Batch:
     """The outcomes of several calls that came in one CALL message, produced lazily in
-    order: each a value, or a :class:`serialize.Failure` for a call that raised."""
+    order: each a value, or a :class:`serialize.Failure` for a call that raised or
+    could not be unpickled here (each call is unpickled on its own: encoding.py)."""
 
-    def __init__(self, preload: Preload, calls: list) -> None:
+    def __init__(self, preload: Preload, calls: list[list]) -> None:
         self._preload, self._calls = preload, calls
 
     def __iter__(self):
-        for call in self._calls:
+        for frames in self._calls:
             try:
-                yield run_call(self._preload, call)
+                yield run_call(self._preload, serialize.loads(frames))
             except BaseException as exception:
                 yield serialize.Failure(exception, "")
 
@@ -77,7 +101,9 @@ class Batch:
 def run_message(preload: Preload, frames: list) -> Any:
     """Run what one INIT or CALL message holds in this process: one call or a Batch."""
     message = serialize.loads(frames)
-    return Batch(preload, message) if isinstance(message, list) else run_call(preload, message)
+    if isinstance(message, list):
+        return Batch(preload, split_batch(message, frames[1:]))
+    return run_call(preload, message)
 
 
 def _reply(connection: WorkerConnection, value: Any) -> None:
@@ -94,17 +120,22 @@ def _send_result(connection: WorkerConnection, value: Any) -> None:
     try:
         reply = serialize.dumps(value)
     except Exception as error:
-        failure = TypeError(f"the function's result could not be pickled: {error}")
+        failure = serialize.SerializationError(f"the function's result could not be pickled: {error}")
         connection.send(protocol.FAILURE, serialize.dumps_failure(failure))
         return
     connection.send(protocol.RESULT, reply)
 
 
-class Preload:
-    """Keyword arguments that ``init_function`` returned, given to calls that declare them."""
+WORKER_ID_PARAMETER = "executorlib_worker_id"
 
-    def __init__(self) -> None:
+
+class Preload:
+    """Keyword arguments that ``init_function`` returned, given to calls that declare
+    them; and the worker's number, for calls that declare ``executorlib_worker_id``."""
+
+    def __init__(self, worker_id: int | None = None) -> None:
         self.values: dict[str, Any] = {}
+        self.worker_id = worker_id
         self._names: dict[Any, frozenset[str]] = {}
 
     def set(self, values: Any) -> None:
@@ -114,11 +145,14 @@ class Preload:
 
     def fill(self, call: protocol.Call) -> dict:
         """``call.kwargs`` plus the preloaded values for parameters ``call.fn`` declares."""
+        kwargs = call.kwargs
+        if _declares_worker_id(call.fn) and WORKER_ID_PARAMETER not in kwargs:
+            kwargs = {**kwargs, WORKER_ID_PARAMETER: self.worker_id}
         if not self.values:
-            return call.kwargs
+            return kwargs
         names = self._declared(call.fn)
-        extra = {k: v for k, v in self.values.items() if k in names and k not in call.kwargs}
-        return {**extra, **call.kwargs} if extra else call.kwargs
+        extra = {k: v for k, v in self.values.items() if k in names and k not in kwargs}
+        return {**extra, **kwargs} if extra else kwargs
 
     def _declared(self, fn: Callable) -> frozenset[str]:
         key = getattr(fn, "__code__", fn)
@@ -130,6 +164,14 @@ class Preload:
             except (TypeError, ValueError):
                 self._names[key] = frozenset()
         return self._names[key]
+
+
+def _declares_worker_id(fn: Callable) -> bool:
+    """Whether ``fn`` has a parameter named executorlib_worker_id (cheap: no inspect)."""
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return False
+    return WORKER_ID_PARAMETER in code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]
 
 
 def run_call(preload: Preload, message: Any) -> Any:

@@ -1,0 +1,392 @@
+"""The elastic pool: which worker job takes which call, when jobs start and end.
+
+Every round of the manager thread (after any event: a call, a message, a job's state
+change, the alarm) runs, in this order::
+
+    dispatch  pending calls -> ready workers with room (placement.py; a call that declares
+              run_time_max: a worker idle now whose job has that much time left + margin)
+    retire    a ready worker whose job ends within the margin: STOP once it is idle;
+              idle for idle_timeout while no call waits: STOP (never below min_workers);
+              a job still PENDING after pending_timeout: scancel, with squeue's reason;
+              a pending job nobody needs for idle_timeout: scancel
+    grow      one job per waiting call beyond the jobs still starting, up to max_workers
+              (and at least min_workers)
+    alarm     set to the next deadline of the above
+
+No grow/shrink loop: growth is driven only by calls that wait, shrinking only happens
+while none waits; a pending job counts as capacity that is coming (it keeps the pool from
+submitting more), never as idle. After a pending timeout the pool submits no new job for
+one more pending_timeout, or until one of its jobs ends (the queue is full: another job
+would wait too); calls waiting while the pool has no worker at all fail with the reason.
+
+A worker job that ends while it holds calls (scancel, preemption, time limit, a lost
+node) fails over: the call it was running runs again elsewhere up to ``max_retries``
+times, else fails with WorkerDiedError naming the job, node and Slurm's reason; calls
+sent ahead that it never started go back to the queue. The lost worker's connection is
+forgotten, so a late result of the first attempt is dropped unread: no result twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from executorlib import serialize
+from executorlib.dependencies import settle
+from executorlib.errors import WorkerDiedError, with_remote_traceback
+from executorlib.interactive import protocol
+from executorlib.interactive.scheduler import ResultCache, Scheduler, Worker
+from executorlib.pilot.alarm import Alarm
+from executorlib.pilot.job import PilotJob, PilotSpawner
+from executorlib.pilot.placement import CALLS_PER_WORKER, PoolPolicy, batch_after, choose, claim
+from executorlib.pilot.status import write_status
+from executorlib.resources import Resources
+from executorlib.task import Task
+
+_log = logging.getLogger("executorlib")
+_START_FAILURES_BEFORE_BROKEN = 3  # jobs in a row that ended before their worker connected
+_STATUS_EVERY_S = 1.0  # status.json (for `executorlib status`) at most this often
+
+
+class PilotScheduler(Scheduler):
+    """Calls on worker jobs that this pool submits, grows, shrinks and replaces."""
+
+    def __init__(self, spawner: PilotSpawner, resources: Resources, policy: PoolPolicy,
+                 init_function: Callable[[], dict] | None = None, cache: ResultCache | None = None) -> None:
+        super().__init__(spawner, spawner.bind_host, cache)
+        self._resources, self._policy = resources, policy
+        self._max_workers = policy.max_workers  # resize() changes it from any thread
+        self._init_frames = serialize.dumps(init_function, by_value=True) if init_function else None
+        self._attempts: dict[Task, int] = {}
+        self._broken: BaseException | None = None
+        self._start_failures = 0
+        self._blocked: tuple[float, str] | None = None  # (until, why) after a pending timeout
+        self._demand_gone = time.monotonic()  # since when no call waits
+        self._status_due: float | None = time.monotonic()  # when to write status.json next
+        self._status_written = -math.inf
+        self._alarm = Alarm()
+        self._poller.register(self._alarm.fd, zmq.POLLIN)
+
+    # ----------------------------------------------------------------- any thread
+    def resize(self, max_workers: int) -> None:
+        """Change max_workers while the pool runs (idle surplus workers stop at once)."""
+        with self._lock:
+            self._max_workers = max_workers
+        self._wake()
+
+    def jobs(self) -> list[dict[str, Any]]:
+        """The pool's worker jobs now (a snapshot; read from the manager's records)."""
+        now = time.monotonic()
+        rows = []
+        for worker in _snapshot(self._workers):
+            job: PilotJob = worker.process
+            busy = bool(worker.tasks)
+            rows.append({
+                "job_id": job.job_id, "worker": worker.worker_id, "node": job.status.node,
+                "state": job.status.state, "reason": job.status.reason,
+                "connected": worker.peer is not None, "ready": worker.ready, "busy": busy,
+                "stopping": worker.stopping, "calls_done": job.calls_done,
+                "idle_for": None if busy or not worker.ready else now - job.idle_since,
+                "time_left": job.time_left() if math.isfinite(job.time_left()) else None,
+            })
+        return rows
+
+    # ------------------------------------------------------------ manager thread
+    def _handle(self, source: Any) -> None:
+        if source == self._alarm.fd:
+            self._alarm.clear()
+            return
+        if source in self._fd_owner:  # a job's state changed
+            self._changed()
+        super()._handle(source)
+
+    def _schedule(self) -> None:
+        if self._broken is not None:
+            while self._pending:
+                settle(self._pending.popleft().future, exception=self._broken_error())
+        else:
+            self._dispatch()
+        now = time.monotonic()
+        if self._pending:
+            self._demand_gone = math.inf
+        elif self._demand_gone == math.inf:
+            self._demand_gone = now
+        if self._broken is None:
+            if not self._stopping:
+                self._retire(now)
+                self._make_room()
+            self._grow(now)  # also while stopping: a call put back after a lost worker
+        self._write_status(now)
+        self._alarm.set(None if self._stopping else self._next_deadline(now))
+
+    def _changed(self) -> None:
+        """Something `executorlib status` shows has changed: write it out soon."""
+        if self._status_due is None:
+            self._status_due = max(time.monotonic(), self._status_written + _STATUS_EVERY_S)
+
+    def _write_status(self, now: float) -> None:
+        if self._status_due is None or now < self._status_due:
+            return
+        self._status_due, self._status_written = None, now
+        try:
+            write_status(self._spawner.settings.output_directory, self._max_workers, self.jobs())
+        except OSError as error:  # the folder was removed under us: nothing to show
+            _log.debug("executorlib: cannot write the pool's status: %s", error)
+
+    # ---------------------------------------------------------------- dispatch
+    def _dispatch(self) -> None:
+        ready = [w for w in self._workers.values() if w.ready and not w.stopping]
+        skipped: deque[Task] = deque()
+        while self._pending and any(len(w.tasks) < CALLS_PER_WORKER for w in ready):
+            task = self._pending.popleft()
+            if task.future.done():
+                continue
+            worker = choose(ready, task, self._policy.end_margin)
+            if worker is None:
+                skipped.append(task)
+            elif claim(task):
+                batch = batch_after(task, self._pending, len(ready), self._resources)
+                self._send_calls(worker, [task, *batch])
+        self._pending.extendleft(reversed(skipped))
+
+    # ------------------------------------------------------------------ retire
+    def _retire(self, now: float) -> None:
+        policy = self._policy
+        active = [w for w in self._workers.values() if not w.stopping]
+        surplus = len(active) - max(policy.min_workers, min(self._max_workers, len(active)))
+        for worker in active:
+            job: PilotJob = worker.process
+            if worker.ready:
+                if worker.tasks:
+                    continue
+                if job.time_left() < policy.end_margin:
+                    self._stop(worker, "its job ends within the margin")
+                elif surplus > 0 or self._idle_too_long(job, now, len(active)):
+                    self._stop(worker, "idle")
+                    surplus, active = surplus - 1, [w for w in active if w is not worker]
+            elif worker.peer is None and job.pending:
+                if self._pending_too_long(job):
+                    self._on_pending_timeout(worker, now)
+                    active = [w for w in active if w is not worker]
+                elif surplus > 0 or self._unneeded(job, now, len(active)):
+                    self._stop(worker, "no call needs it any more")
+                    surplus, active = surplus - 1, [w for w in active if w is not worker]
+
+    def _make_room(self) -> None:
+        """A full pool whose jobs all have too little time left for a waiting call that
+        declares run_time_max: stop one idle worker, so that a fresh job can start."""
+        workers = list(self._workers.values())
+        idle = [w for w in workers if w.ready and not w.tasks and not w.stopping]
+        full = len(workers) >= self._max_workers and not any(w.stopping for w in workers)
+        if not (idle and self._pending and full):
+            return  # checked first: a busy pool never scans its queue here
+        longest = max((t.resources.run_time_max or 0 for t in self._pending), default=0)
+        if not longest:
+            return
+        needed = longest + self._policy.end_margin
+        if any(w.process.time_left() >= needed for w in workers):
+            return  # a worker that can take it exists; the call waits for it
+        if idle:
+            self._stop(min(idle, key=lambda w: w.process.time_left()), f"a call needs {longest} s")
+
+    def _idle_too_long(self, job: PilotJob, now: float, active: int) -> bool:
+        timeout = self._policy.idle_timeout
+        return (timeout is not None and not self._pending and active > self._policy.min_workers
+                and now - job.idle_since >= timeout)
+
+    def _unneeded(self, job: PilotJob, now: float, active: int) -> bool:
+        timeout = self._policy.idle_timeout
+        return (timeout is not None and active > self._policy.min_workers
+                and now - self._demand_gone >= timeout)
+
+    def _pending_too_long(self, job: PilotJob) -> bool:
+        timeout = self._policy.pending_timeout
+        return timeout is not None and time.time() - job.submitted >= timeout
+
+    def _on_pending_timeout(self, worker: Worker, now: float) -> None:
+        job: PilotJob = worker.process
+        status = job.status
+        why = (
+            f"Slurm job {job.job_id or '(not yet submitted)'} (worker {worker.worker_id}) was still "
+            f"PENDING after "
+            f"pending_timeout={self._policy.pending_timeout:g} s in partition "
+            f"{status.partition or '(default)'} (squeue's reason: {status.reason or 'none given'})"
+        )
+        self._stop(worker, why)
+        self._blocked = (now + (self._policy.pending_timeout or 0), why)
+        others = [w for w in self._workers.values() if not w.stopping]
+        _log.warning("executorlib: %s; cancelled it; the pool goes on with %d other worker(s)",
+                     why, len(others))
+        if not others:
+            error = WorkerDiedError(
+                f"no worker could start: {why}. Ask for fewer resources per worker (resource_dict), "
+                "another partition, or a longer pending_timeout"
+            )
+            while self._pending:
+                settle(self._pending.popleft().future, exception=error)
+
+    def _stop(self, worker: Worker, why: str) -> None:
+        """End a worker: STOP if connected (its job then completes), else scancel."""
+        worker.stopping = True
+        self._changed()
+        job: PilotJob = worker.process
+        if worker.peer is None:
+            job.stop(why)
+            return
+        job.cancel_reason = why
+        try:
+            self._socket.send(worker.peer, protocol.STOP)
+        except zmq.ZMQError:
+            job.stop(why)
+        job.kick()
+
+    # -------------------------------------------------------------------- grow
+    def _grow(self, now: float) -> None:
+        workers = list(self._workers.values())
+        active = [w for w in workers if not w.stopping]
+        starting = sum(1 for w in active if not w.ready)
+        # While stopping, only calls put back after a lost worker may need a new one.
+        wanted = -1 if self._stopping else self._policy.min_workers - len(active)
+        if self._blocked is not None and (now >= self._blocked[0]):
+            self._blocked = None
+        if self._blocked is None:
+            wanted = max(wanted, len(self._pending) - starting)
+        for _ in range(min(wanted, self._max_workers - len(workers))):
+            self._changed()
+            if self._spawn(self._resources) is None:
+                return
+
+    def _next_deadline(self, now: float) -> float | None:
+        policy, deadlines = self._policy, []
+        for worker in self._workers.values():
+            job: PilotJob = worker.process
+            if worker.stopping:
+                continue
+            if worker.ready and not worker.tasks:
+                deadlines.append(now + job.time_left() - policy.end_margin)
+                if policy.idle_timeout is not None:
+                    deadlines.append(job.idle_since + policy.idle_timeout)
+            elif job.pending:
+                if policy.pending_timeout is not None:
+                    deadlines.append(now + job.submitted + policy.pending_timeout - time.time())
+                if policy.idle_timeout is not None and math.isfinite(self._demand_gone):
+                    deadlines.append(self._demand_gone + policy.idle_timeout)
+        if self._blocked is not None:
+            deadlines.append(self._blocked[0])
+        if self._status_due is not None:
+            deadlines.append(self._status_due)
+        # A deadline already past was acted on this round (or its condition does not hold).
+        future = [d for d in deadlines if now < d < math.inf]
+        return min(future) + 0.01 if future else None
+
+    # ------------------------------------------------------------- the workers
+    def _on_connected(self, worker: Worker) -> None:
+        if worker.stopping:
+            self._socket.send(worker.peer, protocol.STOP)
+            return
+        self._start_failures = 0
+        if self._init_frames is None:
+            self._on_ready(worker)
+        else:
+            self._socket.send(worker.peer, protocol.INIT, self._init_frames)
+
+    def _on_ready(self, worker: Worker) -> None:
+        self._changed()
+        worker.ready = True
+        worker.process.idle_since = time.monotonic()
+
+    def _on_task_done(self, worker: Worker) -> None:
+        job: PilotJob = worker.process
+        job.calls_done += 1
+        self._changed()
+        if not worker.tasks:
+            job.idle_since = time.monotonic()
+
+    def _on_message(self, peer: Any, kind: bytes, frames: list) -> None:
+        worker = self._workers.get(peer.worker_id)
+        if kind == protocol.FAILURE and worker is not None and not worker.ready:
+            self._broken = _init_error(worker, frames)
+            self._stop(worker, "its init_function failed")
+            return
+        super()._on_message(peer, kind, frames)
+
+    def _on_exit(self, worker: Worker) -> None:
+        """Fail over the calls of a worker job that ended while holding them."""
+        if worker.tasks:
+            running, *never_started = worker.tasks
+            worker.tasks.clear()
+            self._pending.extendleft(reversed(never_started))
+            if not self._retry(worker, running):
+                worker.tasks.append(running)  # the base class fails it with the job's account
+        super()._on_exit(worker)
+
+    def _retry(self, worker: Worker, task: Task) -> bool:
+        attempts = self._attempts.get(task, 0) + 1
+        if attempts > self._policy.max_retries or task.future.done() or self._broken is not None:
+            self._attempts.pop(task, None)
+            return False
+        self._attempts[task] = attempts
+        task.future.add_done_callback(lambda _: self._attempts.pop(task, None))
+        _log.warning("executorlib: %s, while running %s; running it again (retry %d of %d)",
+                     worker.process.how_it_ended().split("; last lines")[0], task.name,
+                     attempts, self._policy.max_retries)
+        self._pending.appendleft(task)
+        return True
+
+    def _on_worker_gone(self, worker: Worker) -> None:
+        self._changed()
+        self._blocked = None  # one of our jobs ended: the queue has room again
+        if self._stopping or self._broken is not None:
+            return
+        if worker.process.refusal is not None:  # sbatch said no: it will say no again
+            self._broken = worker.process.refusal
+            return
+        if worker.peer is None and not worker.stopping:
+            self._start_failures += 1
+            if self._start_failures >= _START_FAILURES_BEFORE_BROKEN:
+                self._broken = WorkerDiedError(
+                    f"{self._start_failures} worker jobs in a row ended before their worker "
+                    f"connected; the last: {worker.process.how_it_ended()}"
+                )
+
+    def _on_start_failure(self, error: Exception) -> None:
+        self._broken = error
+
+    def _broken_error(self) -> BaseException:
+        error = WorkerDiedError(f"the pilot pool cannot start workers: {self._broken}")
+        error.__cause__ = self._broken
+        return error
+
+    def _close(self) -> None:
+        super()._close()
+        self._alarm.close()
+        self._spawner.close()
+
+
+def _init_error(worker: Worker, frames: list) -> BaseException:
+    """init_function's exception, from the worker's FAILURE (a clear error if it won't unpickle)."""
+    try:
+        failure = serialize.loads(frames)
+        return with_remote_traceback(failure.exception, failure.traceback)
+    except Exception as error:
+        reason = RuntimeError(
+            f"init_function failed on {worker.describe()} (Slurm job {worker.process.job_id}), and its "
+            f"exception could not be unpickled here ({type(error).__name__}: {error}); make it picklable"
+        )
+        reason.__cause__ = error
+        return reason
+
+
+def _snapshot(workers: dict[int, Worker]) -> list[Worker]:
+    """The workers, read from another thread than the manager that changes the dict."""
+    while True:
+        try:
+            return list(workers.values())
+        except RuntimeError:  # changed size during iteration: read again
+            continue
