@@ -6,7 +6,7 @@
 manager thread it looks like any worker process — one pollable file descriptor (an
 eventfd the shared squeue watcher writes when the job's state changes), how it ended,
 ``stop()``. The script goes to ``sbatch`` on stdin, so no job script file exists; the
-executor's secret reaches the job through the environment ``sbatch`` exports
+executor's launch keys reach the job through the environment ``sbatch`` exports
 (``--export=ALL``), never through argv or the script. Job output goes to a private
 directory (0700) for the tail quoted in error messages.
 """

@@ -14,7 +14,8 @@ import pytest
 
 from executorlib import Executor, FluxJobExecutor
 from executorlib.errors import WorkerDiedError
-from executorlib.interactive import private_env, protocol
+from executorlib.interactive import private_env
+from executorlib.interactive.auth import KEYS_ENV
 
 
 def flux(*argv: str) -> str:
@@ -242,9 +243,9 @@ def test_the_secret_is_not_in_the_jobspec_the_instance_owner_reads(tmp_path, mon
         [directory] = (tmp_path / "private").iterdir()
         assert oct(directory.stat().st_mode & 0o777) == "0o700"
         assert list(directory.iterdir()) == []  # the worker read its file and removed it
-    assert protocol.SECRET_ENV not in environment
+    assert KEYS_ENV not in environment
     path = environment[private_env.PATH_ENV]
     assert os.path.dirname(path) == str(directory) and not os.path.exists(path)
-    secretish = [name for name, value in environment.items() if re.fullmatch(r"[0-9a-f]{64}", value)]
+    secretish = [name for name, value in environment.items() if re.fullmatch(r"\S{80}", value)]
     assert secretish == []
     assert not directory.exists()  # removed at shutdown
