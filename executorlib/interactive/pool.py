@@ -1,14 +1,15 @@
 """Block allocation: a fixed set of long-lived workers, each serving call after call.
 
-No call waits behind another while a worker is idle: with several workers, a worker
-gets its next call only once it is free. A call handed to a busy worker could not be
-taken back when another worker falls idle (a worker reads its next message only when
-its call returns), so a quick call could wait minutes behind a long one. A pool of one
-worker has no one to wait for: there, while calls wait, the worker is sent one call
-ahead, so it never sits idle between calls (the standard library's pool queues ahead
-the same way; that call counts as running and can no longer be cancelled), and while a
-long queue waits (at least 16 calls), calls travel eight to a message, which halves
-the messages per call; each result still comes back on its own as soon as it is there.
+No call waits long behind another while a worker is idle. A call handed to a busy
+worker cannot be taken back when another worker falls idle (a worker reads its next
+message only when its call returns), so a quick call could wait minutes behind a long
+one. A worker is therefore sent a call ahead (so it never sits idle between calls; the
+standard library's pool queues ahead the same way, and such a call counts as running
+and can no longer be cancelled) only where waiting behind it is harmless: in a pool of
+one worker, where no one else could run the call, or behind calls of functions whose
+last run here took under 5 ms (the manager measures each function's last service
+time). The same rule lets a long queue of such calls travel eight to a message, which
+halves the messages per call; each result still comes back on its own.
 When a worker dies, the call it was running fails; calls sent ahead that it never
 started go back to the queue (scheduler.py).
 
@@ -44,6 +45,7 @@ _START_FAILURES_BEFORE_BROKEN = 5  # in a row: failed spawns and workers dead be
 _RETRY_FIRST_S = 0.1  # back-off before the next start, doubled per failure: 0.1 ... 1.6 s
 _CALLS_AHEAD = 1  # a lone worker gets one call beyond the one it runs
 _MAX_BATCH = 8  # calls in one message when many wait
+_SHORT_S = 0.005  # a function whose last call took less may have calls queued behind it
 _log = logging.getLogger("executorlib")
 
 
@@ -66,6 +68,8 @@ class PoolScheduler(Scheduler):
         self._broken: BaseException | None = None
         self._start_failures = 0
         self._missing: set[int] = set()  # worker numbers to start when the back-off timer comes
+        self._short: dict[str, bool] = {}  # function name -> its last call took < _SHORT_S
+        self._head_since: dict[int, float] = {}  # worker id -> when its current call began
 
     @property
     def size(self) -> int:
@@ -125,24 +129,44 @@ class PoolScheduler(Scheduler):
             return
         while self._pending and (worker := self._least_busy()) is not None:
             batch = []
-            while self._pending and len(batch) < self._batch_size():
+            size = self._batch_size()
+            while self._pending and len(batch) < size:
                 task = self._pending.popleft()
                 if claim(task.future):
                     batch.append(task)
+            if not worker.tasks:
+                self._head_since[worker.worker_id] = time.monotonic()
             self._send_calls(worker, batch)
 
     def _batch_size(self) -> int:
-        """Calls per message: _MAX_BATCH for a lone worker while at least twice that
-        many wait, else one; MPI workers take one call at a time."""
-        if self._resources.cores > 1 or self._size > 1:
+        """Calls per message: _MAX_BATCH while at least twice that many wait per worker
+        and waiting behind each other is harmless (see the module docstring), else one;
+        MPI workers take one call at a time."""
+        if self._resources.cores > 1:
             return 1
-        return _MAX_BATCH if len(self._pending) >= 2 * _MAX_BATCH else 1
+        share = len(self._pending) // max(1, len(self._ready))
+        if share < 2 * _MAX_BATCH:
+            return 1
+        head = itertools.islice(self._pending, _MAX_BATCH)
+        return _MAX_BATCH if self._size == 1 or all(self._short.get(t.name) for t in head) else 1
 
     def _least_busy(self) -> Worker | None:
-        """An idle worker; a lone worker also while it holds fewer calls than 1 + ahead."""
-        capacity = 1 + (_CALLS_AHEAD if self._size == 1 else 0)
+        """An idle worker, else one that may take a call ahead (see the module docstring)."""
         worker = min(self._ready, key=lambda w: len(w.tasks), default=None)
-        return worker if worker is not None and len(worker.tasks) < capacity else None
+        if worker is None or not worker.tasks:
+            return worker
+        if len(worker.tasks) > _CALLS_AHEAD:
+            return None
+        lone = self._size == 1
+        return worker if lone or all(self._short.get(t.name) for t in worker.tasks) else None
+
+    def _measure(self, worker: Worker) -> None:
+        """A result of ``worker``'s oldest call arrived: note whether that function is
+        short; the worker's next call (already there, if it was sent ahead) begins now."""
+        now = time.monotonic()
+        began = self._head_since.get(worker.worker_id, now)
+        self._short[worker.tasks[0].name] = now - began < _SHORT_S
+        self._head_since[worker.worker_id] = now
 
     def _on_connected(self, worker: Worker) -> None:
         self._start_failures = 0
@@ -168,6 +192,8 @@ class PoolScheduler(Scheduler):
             self._broken = _init_error(worker, frames)
             worker.process.stop()
             return
+        if kind in (protocol.RESULT, protocol.FAILURE) and worker is not None and worker.tasks:
+            self._measure(worker)
         super()._on_message(peer, kind, frames)
 
     def _on_connection_lost(self, worker: Worker) -> None:
