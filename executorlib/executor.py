@@ -270,7 +270,8 @@ class AllocationExecutor(BaseExecutor):
             from executorlib.interactive.pool import PoolScheduler
 
             return PoolScheduler(
-                spawner, options.resources, self._pool_size(), options.init_function, host, cache
+                spawner, options.resources, self._pool_size(), options.init_function, host, cache,
+                restart_limit=options.restart_limit,
             )
         from executorlib.interactive.per_task import PerTaskScheduler
 

@@ -40,6 +40,8 @@ _DOCS = {
     "Workflow Definition JSON file (futures resolve to None).",
     "log_obj_size": "log the pickled size of every call and result (logger ``executorlib``, "
     "level INFO).",
+    "restart_limit": "block allocation: how many times dead workers are replaced before the "
+    "pool gives up and fails its calls (default None: keep replacing).",
     "refresh_rate": "accepted for compatibility; nothing here polls on a timer.",
 }
 
@@ -54,6 +56,7 @@ IGNORED_BECAUSE = {
     "max_cores": "each call is its own queue job and the queue decides how many run at once "
     "(max_workers caps the jobs this executor keeps in the queue)",
     "hostname_localhost": "queue jobs return their results through files; no worker connects back",
+    "restart_limit": "each call is its own queue job; there is no long-lived worker to replace",
 }
 IGNORED_BECAUSE["flux_executor_pmi_mode"] = IGNORED_BECAUSE["pmi_mode"]
 _WARNED: set[tuple[str, str]] = set()
@@ -75,12 +78,16 @@ class Options:
     plot_dependency_graph_filename: str | None = None
     export_workflow_filename: str | None = None
     log_obj_size: bool = False
+    restart_limit: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_workers", "max_cores"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        limit = self.restart_limit
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+            raise ValueError(f"restart_limit must be an int >= 0 or None, got {limit!r}")
         if self.init_function is not None and not self.block_allocation:
             raise ValueError(
                 "init_function runs once per long-lived worker, so it needs block_allocation=True"

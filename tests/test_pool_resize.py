@@ -7,9 +7,11 @@ import os
 import time
 
 import psutil
+import pytest
 from behaviour import started_then_wait, wait_for
 
 from executorlib import Executor
+from executorlib.errors import WorkerDiedError
 
 
 def worker_number(executorlib_worker_id):
@@ -97,3 +99,23 @@ def test_lowering_max_workers_loses_and_repeats_no_call(tmp_path):
         assert _wait_for_workers(1) == 1
         assert {exe.submit(os.getpid).result(timeout=60) for _ in range(5)} <= set(pids)
         assert len({exe.submit(os.getpid).result(timeout=60) for _ in range(5)}) == 1
+
+
+def die(code):
+    os._exit(code)
+
+
+def test_restart_limit_gives_up_after_that_many_replacements():
+    with Executor(max_workers=1, block_allocation=True, restart_limit=1) as exe:
+        with pytest.raises(WorkerDiedError, match="exit code 7"):
+            exe.submit(die, 7).result(timeout=60)
+        assert exe.submit(worker_number).result(timeout=60) == 0  # the one replacement
+        with pytest.raises(WorkerDiedError, match="exit code 8"):
+            exe.submit(die, 8).result(timeout=60)
+        with pytest.raises(WorkerDiedError, match="restart_limit=1 reached"):
+            exe.submit(worker_number).result(timeout=60)
+
+
+def test_restart_limit_must_be_a_count():
+    with pytest.raises(ValueError, match="restart_limit must be an int >= 0"):
+        Executor(max_workers=1, block_allocation=True, restart_limit=-1)
