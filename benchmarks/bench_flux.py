@@ -20,52 +20,22 @@ from __future__ import annotations
 
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
+from bench_slurm import back_to_back_ms, block, idle_call_ms, median_ms, noop, throughput
+
 from executorlib import Executor
-
-
-def noop(x=None):
-    return x
-
-
-def median_ms(fn, repeat: int) -> float:
-    samples = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples) * 1e3
 
 
 def flux_run_ms(command: list[str], repeat: int) -> float:
     return median_ms(lambda: subprocess.run(["flux", "run", "-n1", *command], check=True), repeat)
 
 
-def idle_call_ms(backend: str, repeat: int) -> float:
-    """submit -> result on an executor left idle for a moment (local: its spares boot)."""
-    with Executor(backend=backend) as exe:
-        exe.submit(noop).result()
-        samples = []
-        for _ in range(repeat):
-            time.sleep(0.5)
-            start = time.perf_counter()
-            exe.submit(noop).result()
-            samples.append(time.perf_counter() - start)
-    return statistics.median(samples) * 1e3
 
 
-def back_to_back_ms(backend: str, calls: int) -> float:
-    with Executor(backend=backend) as exe:
-        exe.submit(noop).result()
-        start = time.perf_counter()
-        for _ in range(calls):
-            exe.submit(noop).result()
-    return (time.perf_counter() - start) / calls * 1e3
 
 
 def burst_s(backend: str, calls: int) -> float:
@@ -90,17 +60,8 @@ def srun_burst_s(calls: int) -> float | None:
     return float(lines[-1]) if done.returncode == 0 and lines else None
 
 
-def throughput(exe, calls: int) -> float:
-    list(exe.map(noop, range(200)))  # warm up
-    start = time.perf_counter()
-    for future in [exe.submit(noop, i) for i in range(calls)]:
-        future.result()
-    return calls / (time.perf_counter() - start)
 
 
-def block(backend: str, calls: int) -> float:
-    with Executor(backend=backend, max_workers=2, block_allocation=True) as exe:
-        return throughput(exe, calls)
 
 
 def main(quick: bool) -> None:
