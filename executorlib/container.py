@@ -197,13 +197,7 @@ def container_environment(spec: Container, env: Mapping[str, str], names: Iterab
 def host_python_binds(prefixes: Iterable[str], import_path: Iterable[str]) -> tuple[Bind, ...]:
     """Read-only binds, at the same paths, of the caller's Python installation
     (``prefixes``) and of the folders on its import path not under one of them."""
-    bound: list[str] = []
-    for path in [*prefixes, *import_path]:
-        path = os.path.normpath(path)
-        if os.path.isdir(path) and path != "/" and not any(_under(path, top) for top in bound):
-            bound.append(path)
-    return tuple(Bind(path, path, read_only=True) for path in bound)
-
-
-def _under(path: str, top: str) -> bool:
-    return path == top or path.startswith(top.rstrip("/") + "/")
+    paths = dict.fromkeys(os.path.normpath(path) for path in [*prefixes, *import_path])
+    folders = [path for path in paths if path != "/" and os.path.isdir(path)]
+    tops = [path for path in folders if not any(path.startswith(top + "/") for top in folders)]
+    return tuple(Bind(path, path, read_only=True) for path in tops)

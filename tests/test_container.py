@@ -24,7 +24,7 @@ from executorlib.container import host_python_binds
 from executorlib.processes import import_path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MARKER = "/etc/executorlib-rootfs"
+SLURM_TMPFS = "/var/spool/slurm"  # TmpFS=/var/spool/slurm/tmp-%n (scripts/slurm-test-cluster)
 
 
 # --------------------------------------------------------------- called in workers
@@ -62,11 +62,16 @@ def ranks_inside():
 @pytest.fixture(scope="module")
 def rootfs(tmp_path_factory):
     """The minimal root, with mount points for what ``host_python`` binds."""
+    return build_rootfs(str(tmp_path_factory.mktemp("container") / "rootfs"))
+
+
+def build_rootfs(root, *extra_points):
+    """scripts/container-rootfs ``root`` with mount points for host_python and ``extra_points``."""
     if shutil.which("bwrap") is None:
         pytest.fail("bubblewrap is not installed: run scripts/install --test (apt-get install bubblewrap)")
-    root = str(tmp_path_factory.mktemp("container") / "rootfs")
     points = [bind.container for bind in host_python_binds([sys.base_prefix, sys.prefix], import_path())]
-    subprocess.run([os.path.join(REPO, "scripts", "container-rootfs"), root, *points], check=True, timeout=60)
+    script = os.path.join(REPO, "scripts", "container-rootfs")
+    subprocess.run([script, root, *points, *extra_points], check=True, timeout=60)
     return root
 
 
@@ -180,3 +185,16 @@ def test_pilot_pool_workers_run_in_the_container_on_the_cluster(rootfs, data, tm
         assert result["slurm_job"] in pilot_jobs_under(tmp_path)  # the Slurm job's environment reached inside
         assert mixed.result(timeout=180) == {"outside": False, "inside": True, "here_inside": False}
     assert (data / "seen-by-worker").read_text().isdigit()
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(240)
+def test_pilot_mpi_workers_run_each_rank_in_the_container_inside_srun(tmp_path, no_pilot_job_left):
+    rootfs = build_rootfs(str(tmp_path / "rootfs"), SLURM_TMPFS)
+    spec = container(rootfs)
+    spec["binds"][SLURM_TMPFS] = SLURM_TMPFS  # the step's PMIx server lives in Slurm's TmpFS
+    with SlurmClusterExecutor(
+        block_allocation=True, max_workers=1, cache_directory=str(tmp_path / "cache"),
+        resource_dict={"partition": "multi", "cores": 2, "container": spec},
+    ) as pool:
+        assert pool.submit(ranks_inside).result(timeout=180) == [(0, True), (1, True)]

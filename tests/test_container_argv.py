@@ -118,8 +118,11 @@ def test_bubblewrap_binds_the_root_read_only_and_shares_dev_shm():
 def test_host_python_runs_the_callers_interpreter_with_its_folders_bound_read_only(tmp_path):
     (tmp_path / "lib").mkdir()
     (tmp_path / "src").mkdir()
-    binds = host_python_binds([str(tmp_path / "lib")], [str(tmp_path / "lib" / "site"),
-                                                         str(tmp_path / "src"), str(tmp_path / "gone"), "/"])
+    (tmp_path / "src" / "tests").mkdir()
+    binds = host_python_binds([str(tmp_path / "lib")], [
+        str(tmp_path / "src" / "tests"), str(tmp_path / "lib" / "site"), str(tmp_path / "src"),
+        str(tmp_path / "gone"), "/",
+    ])  # a folder under another one is bound with it, whatever the order
     assert binds == (Bind(str(tmp_path / "lib"), str(tmp_path / "lib"), True),
                      Bind(str(tmp_path / "src"), str(tmp_path / "src"), True))
     container = spec(runtime="bubblewrap", image="/srv/rootfs", host_python=True,
