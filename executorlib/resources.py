@@ -143,6 +143,10 @@ def _optional_int(key: str, value: Any) -> int | None:
     return value
 
 
+def _container(key: str, value: Any) -> Container | None:
+    return None if value is None else Container.from_dict(value)
+
+
 _CHECKS = {
     "cores": _positive_int,
     "threads_per_core": _positive_int,
@@ -160,7 +164,7 @@ _CHECKS = {
     "partition": _optional_str,
     "error_log_file": _optional_str,
     "priority": _optional_int,
-    "container": lambda key, value: None if value is None else Container.from_dict(value),
+    "container": _container,
 }
 VALID_KEYS: tuple[str, ...] = tuple(f.name for f in fields(Resources))
 assert set(VALID_KEYS) == set(_CHECKS)
