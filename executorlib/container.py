@@ -17,7 +17,8 @@ The launch keys and ``PYTHONPATH`` travel in the environment only, never in argv
 apptainer/singularity and bubblewrap pass the caller's environment on (their default;
 ``APPTAINERENV_``/``SINGULARITYENV_`` copies keep them through a ``--cleanenv`` in
 ``options``); podman gets ``--env NAME`` with the name alone, so it reads the value
-from its own environment. The worker connects back over the host's network (podman:
+from its own environment (also for what srun or mpiexec set: ``SLURM_*``, ``PMIX_*``,
+``PMI_*``, ``OMPI_*``, the visible GPUs). The worker connects back over the host's network (podman:
 ``--network=host``; the others share it) and shares ``/dev/shm`` where it can.
 
 Python inside: either the image ships Python with executorlib and its dependencies
@@ -36,8 +37,8 @@ from typing import Any
 
 RUNTIMES = ("apptainer", "singularity", "podman", "bubblewrap")
 KEYS = ("runtime", "image", "binds", "python", "host_python", "options")
-# Variables a launcher (srun, mpiexec) sets for the ranks: podman passes them by prefix.
-_LAUNCHER_PREFIXES = ("SLURM_*", "PMIX_*", "PMI_*", "OMPI_*")
+# Variables a launcher (srun, mpiexec) sets for the ranks: podman passes them on too.
+_LAUNCHER_VARIABLES = ("SLURM_*", "PMIX_*", "PMI_*", "OMPI_*", "CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES")
 _ENV_PREFIX = {"apptainer": "APPTAINERENV_", "singularity": "SINGULARITYENV_"}
 
 
@@ -172,7 +173,7 @@ def _joined(bind: Bind) -> str:
 def _podman(spec: Container, command: list[str], env_names: Iterable[str], rootless: bool) -> list[str]:
     argv = ["podman", "run", "--rm", "--network=host", "--ipc=host"]
     argv += ["--userns=keep-id"] if rootless else []
-    argv += [f"--env={name}" for name in dict.fromkeys([*env_names, *_LAUNCHER_PREFIXES])]
+    argv += [f"--env={name}" for name in dict.fromkeys([*env_names, *_LAUNCHER_VARIABLES])]
     argv += [f"--volume={_joined(bind)}" for bind in spec.binds]
     image = ["--rootfs", spec.image] if os.path.isabs(spec.image) else [spec.image]
     return [*argv, *spec.options, *image, *command]

@@ -91,6 +91,7 @@ def test_podman_passes_variables_by_name_only_and_uses_the_host_network():
         "podman", "run", "--rm", "--network=host", "--ipc=host", "--userns=keep-id",
         "--env=EXECUTORLIB_KEYS", "--env=PYTHONPATH",
         "--env=SLURM_*", "--env=PMIX_*", "--env=PMI_*", "--env=OMPI_*",
+        "--env=CUDA_VISIBLE_DEVICES", "--env=ROCR_VISIBLE_DEVICES",
         "--volume=/data:/data:ro", "localhost/worker:1", *COMMAND,
     ]
     assert not any("=" in arg and arg.startswith("--env=") and arg.count("=") > 1 for arg in argv)
@@ -101,6 +102,7 @@ def test_podman_as_root_keeps_its_user_namespace_and_takes_a_root_directory():
     assert container_argv(container, WORKER, []) == [
         "podman", "run", "--rm", "--network=host", "--ipc=host",
         "--env=SLURM_*", "--env=PMIX_*", "--env=PMI_*", "--env=OMPI_*",
+        "--env=CUDA_VISIBLE_DEVICES", "--env=ROCR_VISIBLE_DEVICES",
         "--security-opt=label=disable", "--rootfs", "/srv/rootfs", *COMMAND,
     ]
 
