@@ -146,11 +146,13 @@ def remote(hosts, tmp_path):
     while (left := hosts.agents() or _jobs_under(tmp_path)) and time.monotonic() < deadline:
         time.sleep(0.2)
     if left:
+        where = []
         for process in hosts.agents():
-            with contextlib.suppress(psutil.Error):
+            with contextlib.suppress(psutil.Error, OSError):
+                where.append(f"{process.pid} on {_node_of(process)}: {' '.join(process.cmdline())[-120:]}")
                 process.kill()
         subprocess.run(["scancel", *[line.split()[0] for line in _jobs_under(tmp_path)]], check=False)
-        pytest.fail(f"left behind on the cluster side: {left}")
+        pytest.fail(f"left behind on the cluster side: {where or left}")
 
 
 def _jobs_under(directory: Path) -> list[str]:

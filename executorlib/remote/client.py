@@ -34,7 +34,7 @@ from typing import Any
 
 import executorlib
 from executorlib import serialize
-from executorlib.dependencies import claim, find_futures, settle, substitute, when_resolved
+from executorlib.dependencies import claim, find_futures, notify_cancelled, settle, substitute, when_resolved
 from executorlib.errors import with_remote_traceback
 from executorlib.processes import describe_exit
 from executorlib.remote import wire
@@ -195,7 +195,7 @@ class RemoteExecutor(_StdExecutor):
                 elif call is not None and channel is not None and not self._on_reader():
                     asked[call.id] = self._cancels.setdefault(call.id, threading.Event())
         for future in local:
-            Future.cancel(future)
+            _cancel_here(future)
         with contextlib.suppress(OSError, ValueError):  # a reconnect asks again
             for call_id in asked:
                 channel.send(wire.Cancel(call_id))
@@ -210,7 +210,7 @@ class RemoteExecutor(_StdExecutor):
     def _answered(self, answer: wire.CancelAnswer) -> None:
         call = self._calls.get(answer.id)
         if call is not None and answer.cancelled:
-            Future.cancel(call.future)
+            _cancel_here(call.future)
         elif call is not None:
             claim(call.future)  # it runs (or ran) there: cancel() now says False at once
         with self._lock:
@@ -251,7 +251,7 @@ class RemoteExecutor(_StdExecutor):
         if call is None:
             return  # delivered already (again after a reconnect), or cancelled here
         if record.cancelled:
-            if not Future.cancel(call.future):  # marked running by an earlier answer
+            if not _cancel_here(call.future):  # marked running by an earlier answer
                 settle(call.future, exception=CancelledError(f"call {record.id} was cancelled"))
             return
         value = serialize.loads(payload)
@@ -336,6 +336,14 @@ class RemoteExecutor(_StdExecutor):
             process, self._process, self._channel = self._process, None, None
         if process is not None:
             _stop(process)
+
+
+def _cancel_here(future: Future) -> bool:
+    """The plain Future's cancel (not the agent's question), telling wait()/as_completed()."""
+    if not Future.cancel(future):
+        return False
+    notify_cancelled(future)
+    return True
 
 
 def _stop(process: subprocess.Popen) -> None:
