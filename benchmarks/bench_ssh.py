@@ -20,6 +20,7 @@ Needs the test cluster with namespace nodes; starts ``scripts/ssh-test-hosts`` i
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -126,7 +127,8 @@ def report(found: dict[str, float]) -> None:
 
 
 def main() -> None:
-    directory = Path(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="bench-ssh-"))
+    given = len(sys.argv) > 1
+    directory = Path(sys.argv[1] if given else tempfile.mkdtemp(prefix="bench-ssh-"))
     script = REPO / "scripts" / "ssh-test-hosts"
     subprocess.run([str(script), "start", str(directory)], check=True, stdout=subprocess.DEVNULL)
     write_python(directory)
@@ -134,6 +136,8 @@ def main() -> None:
         found = rows(directory)
     finally:
         subprocess.run([str(script), "stop", str(directory)], check=False, stdout=subprocess.DEVNULL)
+        if not given:  # keys and logs of a folder we made
+            shutil.rmtree(directory, ignore_errors=True)
     report(found)
 
 
