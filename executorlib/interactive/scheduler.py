@@ -124,6 +124,8 @@ class Scheduler:
     def _forget_waiting(self, future: Future) -> None:
         with self._lock:
             self._waiting.discard(future)
+            if not self._waiting:  # a set's table never shrinks: a big DAG's would stay
+                self._waiting = set()
         self._wake()
 
     def _post(self, item: Any) -> None:
