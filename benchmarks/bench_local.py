@@ -3,7 +3,8 @@
     python benchmarks/bench_local.py [--quick]
 
 Rows: executor start-up (first result), block-allocation throughput (2 workers, no-op
-calls), submit->result round trip, one fresh worker per call (beside the floors
+calls), submit->result round trip (beside its floors: a Python echo over CurveZMQ and
+plaintext ZeroMQ, and over a pipe, the standard library's wire), one fresh worker per call (beside the floors
 ``python -c pass`` and ``python -c "import zmq, cloudpickle"``), a dependency chain,
 and an echo of a 200 MB array (beside a numpy copy and a pickle round trip).
 
@@ -27,6 +28,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import psutil
+import zmq
 
 from executorlib import Executor
 from executorlib.interactive import auth
@@ -75,6 +77,69 @@ def round_trip_us(exe, calls: int) -> float:
         start = time.perf_counter()
         exe.submit(noop).result()
         samples.append(time.perf_counter() - start)
+    return statistics.median(samples) * 1e6
+
+
+def _echo(address: str, server_key: bytes | None) -> None:
+    """A DEALER that sends back what it receives: the executor's wire without executorlib."""
+    context = zmq.Context()
+    dealer = context.socket(zmq.DEALER)
+    if server_key is not None:
+        dealer.curve_serverkey = server_key
+        dealer.curve_publickey, dealer.curve_secretkey = zmq.curve_keypair()
+    dealer.connect(address)
+    dealer.send(b"H")
+    while (message := dealer.recv_multipart()) != [b"S"]:
+        dealer.send_multipart(message)
+    dealer.close(linger=0)
+    context.term()
+
+
+def zmq_echo_us(encrypted: bool, calls: int) -> float:
+    """Median round trip of a 100-byte message to a Python echo over loopback TCP
+    (CurveZMQ or plaintext): the floor of a call's trip through ZeroMQ's I/O threads."""
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    server_key = None
+    if encrypted:
+        router.curve_server = True
+        server_key, router.curve_secretkey = zmq.curve_keypair()
+        router.curve_publickey = server_key
+    address = f"tcp://127.0.0.1:{router.bind_to_random_port('tcp://127.0.0.1')}"
+    echo = multiprocessing.get_context("spawn").Process(target=_echo, args=(address, server_key))
+    echo.start()
+    peer, _ = router.recv_multipart()
+
+    def one() -> None:
+        router.send_multipart([peer, b"C" + bytes(100)])
+        router.recv_multipart()
+
+    samples = [timed(one) for _ in range(calls + 50)][50:]
+    router.send_multipart([peer, b"S"])
+    echo.join()
+    router.close(linger=0)
+    context.term()
+    return statistics.median(samples) * 1e6
+
+
+def _pipe_echo(connection) -> None:
+    while (message := connection.recv_bytes()) != b"S":
+        connection.send_bytes(message)
+
+
+def pipe_echo_us(calls: int) -> float:
+    """The same over a ``multiprocessing.Pipe`` (the standard library's wire)."""
+    here, there = multiprocessing.Pipe()
+    echo = multiprocessing.get_context("spawn").Process(target=_pipe_echo, args=(there,))
+    echo.start()
+
+    def one() -> None:
+        here.send_bytes(b"C" + bytes(100))
+        here.recv_bytes()
+
+    samples = [timed(one) for _ in range(calls + 50)][50:]
+    here.send_bytes(b"S")
+    echo.join()
     return statistics.median(samples) * 1e6
 
 
@@ -182,7 +247,13 @@ def main() -> None:
     with block(1) as exe, ProcessPoolExecutor(1) as pool:
         rows.append(("submit->result round trip, median (us)",
                      f"{round_trip_us(exe, latency_calls):.0f}",
-                     f"{round_trip_us(pool, latency_calls):.0f}", ""))
+                     f"{round_trip_us(pool, latency_calls):.0f}", "dependencies enabled"))
+    with Executor(max_workers=1, block_allocation=True, disable_dependencies=True) as exe:
+        rows.append(("  same, disable_dependencies=True", f"{round_trip_us(exe, latency_calls):.0f}", "", ""))
+    rows.append(("  floor: echo over CurveZMQ / plaintext ZeroMQ (us)", "", "",
+                 f"{zmq_echo_us(True, latency_calls):.0f} / {zmq_echo_us(False, latency_calls):.0f}"))
+    rows.append(("  floor: echo over multiprocessing.Pipe (us)", "", "",
+                 f"{pipe_echo_us(latency_calls):.0f}"))
     with Executor(max_cores=2) as exe, ProcessPoolExecutor(1, max_tasks_per_child=1) as pool:
         rows.append(("one fresh worker per call (ms)",
                      f"{per_call_ms(exe, fresh_calls):.1f}",

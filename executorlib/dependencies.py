@@ -16,7 +16,10 @@ import copy
 import threading
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future, InvalidStateError
+from concurrent.futures._base import CANCELLED, PENDING, RUNNING
 from typing import Any
+
+_CLAIMABLE = (PENDING, CANCELLED)
 
 
 def find_futures(value: Any) -> list[Future]:
@@ -26,7 +29,12 @@ def find_futures(value: Any) -> list[Future]:
     return found
 
 
+_SCALARS = frozenset((int, float, complex, str, bytes, bool, type(None)))
+
+
 def _collect(value: Any, found: list[Future]) -> None:
+    if type(value) in _SCALARS:  # most arguments: skip the isinstance checks
+        return
     if isinstance(value, Future):
         found.append(value)
     elif isinstance(value, dict):
@@ -117,11 +125,14 @@ def claim(future: Future) -> bool:
     """Mark ``future`` running before its call starts: True, or False (waiters told)
     if it was cancelled or is already done. A call put back in the queue after its
     worker died before starting it is still running: True."""
-    if future.running():
+    state = future._state  # "cancelled" and "cancelled and notified" look alike otherwise
+    if state == RUNNING:
         return True
+    if state not in _CLAIMABLE:  # notified already, or done: asking again logs CRITICAL
+        return False
     try:
         return future.set_running_or_notify_cancel()
-    except RuntimeError:  # cancelled and already notified, or done
+    except RuntimeError:  # cancelled and notified, or done, meanwhile
         return False
 
 

@@ -100,7 +100,8 @@ class BaseExecutor(Executor):
         self._options = options
         self._shutdown_lock = threading.Lock()
         self._is_shutdown = False
-        self._unfinished: set[Future] = set()
+        self._calls = _CallCount()
+        self._count_done = self._calls.done  # one bound method for every future
         self._warned: set[str] = set()
         self._graph = DependencyGraph() if options.graph_only else None
         self._workflow = None
@@ -142,8 +143,8 @@ class BaseExecutor(Executor):
     def _observe(self, task: Task) -> None:
         """Count the call in ``len(exe)``; error log and size logging where asked for."""
         future = task.future
-        self._unfinished.add(future)
-        future.add_done_callback(self._unfinished.discard)
+        self._calls.submitted()
+        future.add_done_callback(self._count_done)
         if task.resources.error_log_file:
             call_log.log_errors_to(task.resources.error_log_file, task.name, task.args, task.kwargs, future)
         if self._options.log_obj_size:
@@ -174,7 +175,7 @@ class BaseExecutor(Executor):
 
     def __len__(self) -> int:
         """Calls submitted to this executor that have not finished yet."""
-        return sum(1 for future in list(self._unfinished) if not future.done())
+        return self._calls.unfinished
 
     @property
     def info(self) -> dict[str, Any]:
@@ -253,6 +254,31 @@ class BaseExecutor(Executor):
         scheduler = getattr(self, "_scheduler", None)
         if scheduler is not None and not self._is_shutdown:
             scheduler.shutdown(wait=False, cancel_futures=False)
+
+
+class _CallCount:
+    """Calls submitted and calls finished, for ``len(exe)``: two numbers instead of a
+    set of futures, so a finished call leaves nothing behind (not even a slot in a
+    set's table, which never shrinks)."""
+
+    __slots__ = ("_lock", "_submitted", "_finished")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._submitted = self._finished = 0
+
+    def submitted(self) -> None:
+        with self._lock:
+            self._submitted += 1
+
+    def done(self, _future: Future) -> None:
+        with self._lock:
+            self._finished += 1
+
+    @property
+    def unfinished(self) -> int:
+        with self._lock:
+            return self._submitted - self._finished
 
 
 class AllocationExecutor(BaseExecutor):

@@ -336,6 +336,32 @@ class _Box(list):
     """A list that can be weakly referenced."""
 
 
+def test_finished_dag_leaves_no_future_task_or_callback_behind():
+    """A DAG (a dependency every 10th call, one input failing, one cancelled) keeps
+    nothing alive once its calls are done: every future, and with it every task record,
+    dependency callback and argument, is freed while the executor still runs."""
+    gate = Future()
+    with Executor(max_workers=2, block_allocation=True) as exe:
+        futures = []
+        for i in range(2_000):
+            inputs = (futures[-1], 1) if i % 10 == 9 else (i, 0)
+            futures.append(exe.submit(add, *inputs))
+        failed = exe.submit(add, "a", 1)
+        cancelled = Future()
+        futures += [failed, exe.submit(add, failed, 1), exe.submit(add, cancelled, 1)]
+        futures += [exe.submit(add, gate, 1)]
+        cancelled.cancel()
+        gate.set_result(1)
+        wait(futures, timeout=120)
+        assert all(f.done() for f in futures) and len(exe) == 0
+        assert futures[19].result() == 19 and futures[-1].result() == 2
+        assert futures[-2].cancelled() and isinstance(futures[-3].exception(), TypeError)
+        refs = [weakref.ref(f) for f in [*futures, cancelled]]
+        del futures, failed, cancelled, inputs
+        gc.collect()
+        assert [r for r in refs if r() is not None] == []
+
+
 def test_result_whose_unpickling_raises_system_exit_fails_only_that_call():
     with Executor(max_workers=1, block_allocation=True) as exe:
         with pytest.raises(RuntimeError, match="could not be unpickled here.*SystemExit"):

@@ -54,4 +54,5 @@ class Inbox:
     """Events for the manager thread, from any thread."""
 
     items: deque = field(default_factory=deque)
+    signalled: bool = False  # an eventfd write the manager has not read yet
     fd: int = field(default_factory=lambda: os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))

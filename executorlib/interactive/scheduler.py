@@ -124,6 +124,8 @@ class Scheduler:
     def _forget_waiting(self, future: Future) -> None:
         with self._lock:
             self._waiting.discard(future)
+            if not self._waiting:  # a set's table never shrinks: a big DAG's would stay
+                self._waiting = set()
         self._wake()
 
     def _post(self, item: Any) -> None:
@@ -135,13 +137,21 @@ class Scheduler:
                     ))
                 return
             self._inbox.items.append(item)
-            if threading.get_ident() != self._thread.ident:
-                os.eventfd_write(self._inbox.fd, 1)
+            self._signal()
 
     def _wake(self) -> None:
         with self._lock:
-            if not self._closed and threading.get_ident() != self._thread.ident:
-                os.eventfd_write(self._inbox.fd, 1)
+            if not self._closed:
+                self._signal()
+
+    def _signal(self) -> None:
+        """Wake the manager (under ``self._lock``). One write per wake-up, not per item:
+        while a wake-up is pending, the manager will see what is added meanwhile (it
+        clears the flag before it takes the inbox), and a burst of submits costs no
+        syscall each nor wakes the manager for every call."""
+        if not self._inbox.signalled and threading.get_ident() != self._thread.ident:
+            self._inbox.signalled = True
+            os.eventfd_write(self._inbox.fd, 1)
 
     # ------------------------------------------------------------ manager thread
     def _run(self) -> None:
@@ -180,6 +190,8 @@ class Scheduler:
                 self._on_message(*message)
         elif source == self._inbox.fd:
             os.eventfd_read(self._inbox.fd)
+            with self._lock:
+                self._inbox.signalled = False  # the loop takes the inbox next
         elif (worker := self._fd_owner.get(source)) and worker.process.on_readable(source):
             self._on_exit(worker)
 
