@@ -26,6 +26,7 @@ import sys
 from dataclasses import dataclass
 
 from executorlib.interactive.auth import KEYS_ENV, LaunchKeys
+from executorlib.interactive.zygote import Zygote, forkable, interpreter_settings
 from executorlib.processes import child_environment, describe_exit, mpiexec_prefix, python_argv
 from executorlib.resources import Resources
 
@@ -49,16 +50,22 @@ class Launch:
 
 
 class WorkerProcess:
-    """A started worker: its pidfd and stderr, both pollable, and how it ended."""
+    """A started worker: its pidfd and stderr, both pollable, and how it ended. With a
+    ``zygote``, the process is forked from it instead (zygote.py)."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], cwd: str | None) -> None:
+    def __init__(self, argv: list[str], env: dict[str, str], cwd: str | None,
+                 zygote: Zygote | None = None) -> None:
         self.argv = argv
-        self.popen = subprocess.Popen(
-            _dying_with_us(argv), env=env, cwd=cwd, stdin=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,  # Ctrl-C reaches the executor, which stops workers
-        )
-        self._pidfd = os.pidfd_open(self.popen.pid)
+        if zygote is not None:
+            self.popen = zygote.fork(argv, env, cwd)
+            self._pidfd = self.popen.pidfd
+        else:
+            self.popen = subprocess.Popen(
+                _dying_with_us(argv), env=env, cwd=cwd, stdin=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                start_new_session=True,  # Ctrl-C reaches the executor, which stops workers
+            )
+            self._pidfd = os.pidfd_open(self.popen.pid)
         self._stderr = self.popen.stderr.fileno()
         os.set_blocking(self._stderr, False)
         self._tail = bytearray()
@@ -122,7 +129,8 @@ def _dying_with_us(argv: list[str]) -> list[str]:
 
 
 class LocalSpawner:
-    """Workers as local processes: ``python -m`` for one core, ``mpiexec`` for more."""
+    """Workers as local processes: ``python`` for one core (forked from the executor's
+    zygote where it has one: zygote.py), ``mpiexec`` for more."""
 
     bind_host = "127.0.0.1"
     name = "local"
@@ -130,12 +138,36 @@ class LocalSpawner:
     # an allocation an idle spare step would hold CPUs a nested executor needs.
     spares = True
 
+    def __init__(self, zygote: Zygote | None = None) -> None:
+        self._zygote = zygote  # started by an executor of fresh serial workers (executor.py)
+        self._use_zygote = True  # until it fails once
+
     def start(self, launch: Launch) -> WorkerProcess:
         resources = launch.resources
         if resources.cwd:
             os.makedirs(resources.cwd, exist_ok=True)
-        argv = self.command(launch)
-        return WorkerProcess(argv, worker_environment(launch), resources.cwd)
+        argv, env = self.command(launch), worker_environment(launch)
+        zygote = self._zygote_for(argv, env)
+        if zygote is not None:
+            try:
+                return WorkerProcess(argv, env, resources.cwd, zygote)
+            except OSError:  # it died or hung: start workers directly from now on
+                self._use_zygote = False
+                self.stop_helpers()
+        return WorkerProcess(argv, env, resources.cwd)
+
+    def _zygote_for(self, argv: list[str], env: dict[str, str]) -> Zygote | None:
+        """The executor's zygote, if it has one and it can start this worker."""
+        zygote = self._zygote
+        if zygote is None or not self._use_zygote or not forkable(argv):
+            return None
+        return zygote if zygote.settings == interpreter_settings(env) else None
+
+    def stop_helpers(self) -> None:
+        """End the zygote, if one was started (the manager thread's last act)."""
+        if self._zygote is not None:
+            self._zygote.close()
+            self._zygote = None
 
     def command(self, launch: Launch) -> list[str]:
         """The argv that starts the worker for ``launch``."""
