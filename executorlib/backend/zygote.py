@@ -84,17 +84,19 @@ class Zygote:
 
     def _become_worker(self, consumed: int) -> str:
         """In the child: take the request, drop everything of the zygote, set up the
-        process as ``subprocess.Popen`` would (new session, stdin from /dev/null)."""
-        data, ancillary, _, _ = self.control.recvmsg(_REQUEST_BYTES, socket.CMSG_SPACE(4))
+        process as ``subprocess.Popen`` would (new session, stdin from /dev/null, the
+        executor's stdout, a stderr pipe to the executor)."""
+        data, ancillary, _, _ = self.control.recvmsg(_REQUEST_BYTES, socket.CMSG_SPACE(8))
         os.close(consumed)
         self.control.close()
         for pidfd in [self.caller, *self.children]:
             os.close(pidfd)
-        stderr = array.array("i", ancillary[0][2][:4])[0]
+        stderr, stdout = array.array("i", ancillary[0][2][:8])
         request = json.loads(data)
         os.setsid()
-        os.dup2(stderr, 2)
-        os.close(stderr)
+        for fd, target in ((stderr, 2), (stdout, 1)):
+            os.dup2(fd, target)
+            os.close(fd)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.close(null)

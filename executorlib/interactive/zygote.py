@@ -4,7 +4,7 @@ forkserver), so that one worker per call costs a fork instead of a Python boot.
     manager thread                                 zygote (backend/zygote.py)
     Zygote.fork(argv, env, cwd) ----------------->  [request waits on the socket]
       request: JSON {argv, env, cwd}                fork()
-      + SCM_RIGHTS: the write end of its stderr      child: reads the request itself,
+      + SCM_RIGHTS: its stderr pipe, our stdout      child: reads the request itself,
                                                        closes the zygote's fds, setsid,
                                                        stderr, cwd, environ, sys.argv;
                                                        runs argv's ``-c`` code (a worker)
@@ -96,8 +96,10 @@ class Zygote:
             raise ConnectionError("the zygote was closed")
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
         try:
+            # as Popen: cwd relative to ours now, and our stdout as it is now
+            cwd = os.path.abspath(cwd) if cwd else os.getcwd()
             request = json.dumps({"argv": argv, "env": env, "cwd": cwd}).encode()
-            self._socket.sendmsg([request], [(*_SCM, array.array("i", [write_end]))])
+            self._socket.sendmsg([request], [(*_SCM, array.array("i", [write_end, 1]))])
             pid, pidfd = self._until_started()
         except BaseException:
             os.close(read_end)
