@@ -48,9 +48,17 @@ class Zygote:
         self.poller.register(caller, select.POLLIN)
 
     def serve(self) -> str | None:
-        """Fork on each request, reap children; None once the executor hung up."""
+        """Fork on each request, reap children; None once the executor hung up. The
+        first idle moment imports cloudpickle (what calls by value need): the first
+        request, often waiting already, does not wait for it."""
+        preloaded = False
         while True:
-            for fd, _ in self.poller.poll():
+            events = self.poller.poll(None if preloaded else 0)
+            if not events and not preloaded:
+                import cloudpickle  # noqa: F401
+
+                preloaded = True
+            for fd, _ in events:
                 if fd == self.caller:
                     return None  # the executor's process ended
                 if fd != self.control.fileno():
@@ -111,9 +119,7 @@ class Zygote:
 def main() -> None:
     caller = _caller_pidfd()
     control = socket.socket(fileno=int(sys.argv[1]))
-    import cloudpickle  # noqa: F401  (what every fresh worker would import)
-
-    import executorlib.backend.interactive_serial  # noqa: F401
+    import executorlib.backend.interactive_serial  # noqa: F401  (what every worker imports)
 
     code = Zygote(control, caller).serve()
     if code is not None:  # a forked child: run the worker as `python -c CODE` would

@@ -10,8 +10,10 @@ Every worker dies with the executor, whatever its call is doing (a C loop that h
 the GIL included): the kernel sends it a parent-death signal (``PR_SET_PDEATHSIG``).
 A Python worker sets it for itself at start (worker.die_with_parent: it ends within 16 s,
 after its watchdog had the chance to clean up); a launcher we start (``mpiexec``,
-``srun``) gets SIGTERM through a tiny wrapper that sets it and then execs the launcher,
-and a launcher's SIGTERM ends its ranks or its step; each rank, whose parent is the
+``srun``) gets SIGTERM through a wrapper that sets it and then execs the launcher —
+util-linux's ``setpriv --pdeathsig`` (about 1 ms), else a ``python -I -S`` one-liner
+(tens of ms, on the critical path of every srun worker) — and a launcher's SIGTERM ends
+its ranks or its step; each rank, whose parent is the
 launcher, sets its own too. Workers are started from the manager thread, which
 outlives them: the "parent" of a parent-death signal is the thread that started it.
 """
@@ -19,6 +21,7 @@ outlives them: the "parent" of a parent-death signal is the thread that started 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import subprocess
@@ -125,7 +128,23 @@ def _dying_with_us(argv: list[str]) -> list[str]:
     launcher get SIGTERM when this process ends (see the module docstring)."""
     if argv[0] == sys.executable:
         return argv  # a Python worker sets its parent-death signal itself
+    if setpriv := _setpriv():
+        # If our process died between the fork and setpriv's prctl (microseconds), the
+        # launcher would live on; its workers still end when their connection drops.
+        return [setpriv, "--pdeathsig", "TERM", "--", *argv]
     return [sys.executable, "-I", "-S", "-c", _DIE_WITH_PARENT_EXEC, str(os.getpid()), *argv]
+
+
+@functools.cache
+def _setpriv() -> str | None:
+    """util-linux's setpriv, where it knows ``--pdeathsig`` (2.33 and later)."""
+    import shutil
+
+    path = shutil.which("setpriv")
+    if path is None:
+        return None
+    done = subprocess.run([path, "--help"], capture_output=True, text=True, check=False)
+    return path if "--pdeathsig" in done.stdout else None
 
 
 class LocalSpawner:
