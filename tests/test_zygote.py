@@ -83,9 +83,14 @@ def test_the_zygote_starts_only_with_an_executor_of_fresh_serial_workers_and_end
 
 
 def test_a_worker_with_other_interpreter_settings_starts_without_the_zygote():
+    """With one core, each such call first stops the forked spare holding it (a spare
+    stopped right after its fork must still end: it is in its own session by then)."""
+    settings = {"env": {"PYTHONHASHSEED": "7"}}
     with Executor(max_cores=1) as exe:
-        facts = exe.submit(_process_facts, resource_dict={"env": {"PYTHONHASHSEED": "7"}}).result(timeout=60)
-    assert facts["ppid"] == os.getpid() and facts["keys"] is None
+        for _ in range(3):
+            facts = exe.submit(_process_facts, resource_dict=settings).result(timeout=60)
+            assert facts["ppid"] == os.getpid() and facts["keys"] is None
+            assert exe.submit(_process_facts).result(timeout=60)["ppid"] != os.getpid()
 
 
 def test_how_a_forked_worker_ended_reaches_the_error():

@@ -95,13 +95,13 @@ class Zygote:
         process as ``subprocess.Popen`` would (new session, stdin from /dev/null, the
         executor's stdout, a stderr pipe to the executor)."""
         data, ancillary, _, _ = self.control.recvmsg(_REQUEST_BYTES, socket.CMSG_SPACE(8))
+        os.setsid()  # before the executor learns our pid: it stops us with killpg
         os.close(consumed)
         self.control.close()
         for pidfd in [self.caller, *self.children]:
             os.close(pidfd)
         stderr, stdout = array.array("i", ancillary[0][2][:8])
         request = json.loads(data)
-        os.setsid()
         for fd, target in ((stderr, 2), (stdout, 1)):
             os.dup2(fd, target)
             os.close(fd)
