@@ -44,6 +44,12 @@ def _zygotes() -> list[psutil.Process]:
     return [c for c in psutil.Process().children() if "executorlib.backend.zygote" in " ".join(c.cmdline())]
 
 
+def _the_zygote() -> psutil.Process:
+    zygotes = _zygotes()
+    assert len(zygotes) == 1, [(p.pid, p.status(), p.cmdline()) for p in zygotes]
+    return zygotes[0]
+
+
 def _socket_inodes(process: psutil.Process) -> set[str]:
     links = set()
     for fd in os.listdir(f"/proc/{process.pid}/fd"):
@@ -56,7 +62,7 @@ def test_each_call_gets_a_fresh_forked_process_without_keys_or_zygote_sockets(tm
     with Executor(max_cores=2) as exe:
         facts = [exe.submit(_process_facts).result(timeout=60) for _ in range(4)]
         facts.append(exe.submit(_process_facts, resource_dict={"cwd": str(tmp_path)}).result(timeout=60))
-        [zygote] = _zygotes()
+        zygote = _the_zygote()
         zygote_sockets = _socket_inodes(zygote)
         with open(f"/proc/{zygote.pid}/environ", "rb") as file:
             zygote_block = file.read()
@@ -70,12 +76,12 @@ def test_each_call_gets_a_fresh_forked_process_without_keys_or_zygote_sockets(tm
 
 
 def test_the_zygote_starts_only_with_an_executor_of_fresh_serial_workers_and_ends_with_it():
-    assert _zygotes() == []
+    assert _zygotes() == [], "a zygote before any executor"
     with Executor(max_workers=1, block_allocation=True) as exe:
         exe.submit(os.getpid).result(timeout=60)
-        assert _zygotes() == []
+        assert _zygotes() == [], "a zygote in a block-allocation executor"
     exe = Executor(max_cores=1)
-    [zygote] = _zygotes()
+    zygote = _the_zygote()
     exe.submit(os.getpid).result(timeout=60)
     exe.shutdown()
     gone, alive = psutil.wait_procs([zygote], timeout=30)
