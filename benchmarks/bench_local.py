@@ -2,11 +2,13 @@
 
     python benchmarks/bench_local.py [--quick]
 
-Rows: executor start-up (first result), block-allocation throughput (2 workers, no-op
-calls), submit->result round trip (beside its floors: a Python echo over CurveZMQ and
-plaintext ZeroMQ, and over a pipe, the standard library's wire), one fresh worker per call (beside the floors
-``python -c pass`` and ``python -c "import zmq, cloudpickle"``), a dependency chain,
-and an echo of a 200 MB array (beside a numpy copy and a pickle round trip).
+Rows: executor start-up in a fresh interpreter (beside the stdlib pool's spawn, forkserver
+and fork, and the floor ``python -c "import zmq, cloudpickle"``: startup_rows.py),
+block-allocation throughput (2 workers, no-op calls), submit->result round trip (beside
+its floors: a Python echo over CurveZMQ and plaintext ZeroMQ, and over a pipe, the
+standard library's wire), one fresh worker per call (beside ``python -c pass``), a
+dependency chain, and an echo of a 200 MB array (beside a numpy copy and a pickle round
+trip). ``--startup-only``: only the start-up and fresh-worker rows.
 
 Encryption (CurveZMQ, always on) is measured against the channel's plaintext switch,
 which only benchmarks use, in alternating rounds of the same run: block throughput,
@@ -21,7 +23,6 @@ import multiprocessing
 import os
 import pickle
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -29,6 +30,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 import psutil
 import zmq
+from startup_rows import fresh_worker_rows, startup_rows
 
 from executorlib import Executor
 from executorlib.interactive import auth
@@ -50,14 +52,6 @@ def timed(fn, repeat: int = 1) -> float:
         fn()
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
-
-
-def startup(make) -> float:
-    def run():
-        with make() as exe:
-            exe.submit(noop).result()
-
-    return timed(run, 3)
 
 
 def throughput(exe, calls: int) -> float:
@@ -224,23 +218,19 @@ def encryption_rows(calls: int, latency_calls: int, array: np.ndarray, rounds: i
     return rows
 
 
-def command_ms(code: str) -> float:
-    return timed(lambda: subprocess.run([sys.executable, "-c", code], check=True), 7) * 1e3
-
-
 def main() -> None:
     quick = "--quick" in sys.argv
-    calls, chain, latency_calls, fresh_calls = (400, 60, 200, 5) if quick else (2000, 300, 1000, 20)
+    calls, chain, latency_calls = (400, 60, 200) if quick else (2000, 300, 1000)
     array = np.random.default_rng(0).random(25_000_000)  # 200 MB
-    spawn = multiprocessing.get_context("spawn")
     rows: list[tuple[str, str, str, str]] = []
 
     def block(workers: int = 2):
         return Executor(max_workers=workers, block_allocation=True)
 
-    rows.append(("executor start-up, first result (ms)",
-                 f"{startup(block) * 1e3:.0f}",
-                 f"{startup(lambda: ProcessPoolExecutor(2, mp_context=spawn)) * 1e3:.0f}", "spawn"))
+    rows += startup_rows(quick)
+    if "--startup-only" in sys.argv:
+        print_table([*rows, *fresh_worker_rows(quick, per_call_ms)])
+        return
     with block() as exe, ProcessPoolExecutor(2) as pool:
         rows.append((f"block throughput, 2 workers, {calls} calls (tasks/s)",
                      f"{throughput(exe, calls):,.0f}", f"{throughput(pool, calls):,.0f}", ""))
@@ -254,13 +244,7 @@ def main() -> None:
                  f"{zmq_echo_us(True, latency_calls):.0f} / {zmq_echo_us(False, latency_calls):.0f}"))
     rows.append(("  floor: echo over multiprocessing.Pipe (us)", "", "",
                  f"{pipe_echo_us(latency_calls):.0f}"))
-    with Executor(max_cores=2) as exe, ProcessPoolExecutor(1, max_tasks_per_child=1) as pool:
-        rows.append(("one fresh worker per call (ms)",
-                     f"{per_call_ms(exe, fresh_calls):.1f}",
-                     f"{per_call_ms(pool, fresh_calls):.1f}", "pool: max_tasks_per_child=1"))
-    rows.append(("  floor: python -c pass (ms)", "", "", f"{command_ms('pass'):.1f}"))
-    rows.append(("  floor: python -c 'import zmq, cloudpickle' (ms)", "", "",
-                 f"{command_ms('import zmq, cloudpickle'):.1f}"))
+    rows += fresh_worker_rows(quick, per_call_ms)
     with block() as exe, ProcessPoolExecutor(2) as pool:
         rows.append((f"dependency chain, {chain} links (ms/link)",
                      f"{chain_ms_per_link(exe, chain, True):.3f}",

@@ -371,10 +371,16 @@ class SingleNodeExecutor(AllocationExecutor):
     backend = "local"
 
     def __init__(self, max_workers: int | None = None, **options: Any) -> None:
-        from executorlib.gpus import GpuLocalSpawner
-
         parsed = parse_options(type(self).__name__, {**options, "max_workers": max_workers})
-        self._setup(parsed, lambda: self._scheduler_for(GpuLocalSpawner()))
+        zygote = _early_zygote(parsed)  # boots while we import the rest
+        try:
+            from executorlib.gpus import GpuLocalSpawner
+
+            self._setup(parsed, lambda: self._scheduler_for(GpuLocalSpawner(zygote)))
+        except BaseException:
+            if zygote is not None:
+                zygote.close()
+            raise
 
     def _check_fits(self, resources: Resources) -> None:
         super()._check_fits(resources)
@@ -383,3 +389,15 @@ class SingleNodeExecutor(AllocationExecutor):
 
             pool = self._options.block_allocation and resources is self._options.resources
             check_local_gpus(resources, self._pool_size() if pool else 1)
+
+
+def _early_zygote(options: Options) -> Any:
+    """The zygote of a local executor whose calls run on fresh serial workers, started
+    before anything else (executorlib/interactive/zygote.py); None for other executors."""
+    resources = options.resources
+    if options.block_allocation or options.graph_only or resources.cores != 1 or resources.gpus_per_core:
+        return None
+    from executorlib.interactive.zygote import Zygote
+    from executorlib.processes import child_environment
+
+    return Zygote(child_environment(resources))

@@ -18,6 +18,7 @@ from dataclasses import replace
 from functools import cache
 
 from executorlib.interactive.spawner import Launch, LocalSpawner, WorkerProcess, worker_environment
+from executorlib.interactive.zygote import Zygote
 from executorlib.resources import Resources
 
 
@@ -100,7 +101,8 @@ class GpuLocalSpawner(LocalSpawner):
     """``LocalSpawner`` that gives each worker asking for GPUs its own (spare workers
     never hold GPUs: the executor keeps none when its default resources ask for GPUs)."""
 
-    def __init__(self) -> None:
+    def __init__(self, zygote: Zygote | None = None) -> None:
+        super().__init__(zygote)
         self._pool: GpuPool | None = None  # the GPUs are looked up on first use
 
     def start(self, launch: Launch) -> WorkerProcess:

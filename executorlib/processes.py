@@ -15,9 +15,7 @@ before anything is imported, so nothing a stranger planted in the working direct
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import shutil
 import signal
 import stat
 import sys
@@ -67,6 +65,9 @@ def import_path() -> list[str]:
 
 def mpiexec_prefix(resources: Resources) -> list[str]:
     """``mpiexec -n CORES`` (+ ``--oversubscribe``), after checking MPI is there."""
+    import importlib.util  # here, not at import: workers load this module at start
+    import shutil
+
     if importlib.util.find_spec("mpi4py") is None:
         raise ModuleNotFoundError(
             f"cores={resources.cores} runs the function under MPI, which needs mpi4py: "

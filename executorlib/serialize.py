@@ -14,7 +14,6 @@ module on their start-up path.
 from __future__ import annotations
 
 import pickle
-import traceback
 from typing import Any
 
 # Buffers below this size are cheaper to copy into the pickle than to send as a frame.
@@ -86,6 +85,8 @@ def to_bytes(obj: Any) -> bytes:
 
 def format_failure(exception: BaseException, where: str = "") -> str:
     """The traceback text of ``exception``, with the place it was raised on."""
+    import traceback  # only failures pay for it: workers start without it
+
     text = "".join(traceback.format_exception(exception))
     return f"{text}(raised on {where})\n" if where else text
 

@@ -24,7 +24,6 @@ ends, the executor sweeps its prefix; a worker whose executor vanished sweeps it
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import threading
 from array import array
@@ -163,7 +162,7 @@ class WorkerConnection:
         self._handshake(worker_id, timeout_s)
 
     def _handshake(self, worker_id: int, timeout_s: float) -> None:
-        fields = [str(worker_id).encode(), socket.gethostname().encode(), str(os.getpid()).encode()]
+        fields = [str(worker_id).encode(), os.uname().nodename.encode(), str(os.getpid()).encode()]
         self.socket.send_multipart([protocol.HELLO, *fields, fingerprint()])
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
@@ -271,6 +270,8 @@ def join_chunks(frames: list) -> list:
 
 def _bind_address(host: str) -> str:
     """The interface to bind for ``host``: a literal address, or what the name resolves to."""
+    import socket  # the executor's side only: workers start without it
+
     try:
         return socket.gethostbyname(host)
     except OSError as error:

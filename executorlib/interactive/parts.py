@@ -15,7 +15,8 @@ from executorlib.task import Task
 
 
 class Spawner(Protocol):
-    """Starts workers: local processes, srun steps, Flux jobs."""
+    """Starts workers: local processes, srun steps, Flux jobs. A spawner may have a
+    ``stop_helpers()`` method: the manager thread calls it last (the local zygote)."""
 
     bind_host: str
     name: str

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import stat
 
 PATH_ENV = "EXECUTORLIB_PRIVATE_ENV"  # in the job's environment: where the file is
@@ -71,6 +70,8 @@ class PrivateDirectory:
             if "=" in name or "\n" in name + value:
                 raise ValueError(f"environment variable {name!r} cannot go through a private file")
             lines.append(f"{name}={value}\n")
+        import secrets  # the executor's side only: workers start without it
+
         path = os.path.join(self.path, f"w-{worker_id}-{secrets.token_hex(8)}")
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(path, flags, 0o600)

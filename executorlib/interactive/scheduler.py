@@ -380,6 +380,9 @@ class Scheduler:
 
     def _close(self) -> None:
         _LIVE.discard(self)
+        stop_helpers = getattr(self._spawner, "stop_helpers", None)
+        if stop_helpers is not None:  # what the spawner keeps to start workers (a zygote)
+            stop_helpers()
         with self._lock:
             self._closed = True
             os.close(self._inbox.fd)

@@ -10,8 +10,10 @@ Every worker dies with the executor, whatever its call is doing (a C loop that h
 the GIL included): the kernel sends it a parent-death signal (``PR_SET_PDEATHSIG``).
 A Python worker sets it for itself at start (worker.die_with_parent: it ends within 16 s,
 after its watchdog had the chance to clean up); a launcher we start (``mpiexec``,
-``srun``) gets SIGTERM through a tiny wrapper that sets it and then execs the launcher,
-and a launcher's SIGTERM ends its ranks or its step; each rank, whose parent is the
+``srun``) gets SIGTERM through a wrapper that sets it and then execs the launcher —
+util-linux's ``setpriv --pdeathsig`` (about 1 ms), else a ``python -I -S`` one-liner
+(tens of ms, on the critical path of every srun worker) — and a launcher's SIGTERM ends
+its ranks or its step; each rank, whose parent is the
 launcher, sets its own too. Workers are started from the manager thread, which
 outlives them: the "parent" of a parent-death signal is the thread that started it.
 """
@@ -19,6 +21,7 @@ outlives them: the "parent" of a parent-death signal is the thread that started 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import subprocess
@@ -27,6 +30,7 @@ from dataclasses import dataclass
 
 from executorlib.container import container_argv, container_environment, host_python_binds
 from executorlib.interactive.auth import KEYS_ENV, LaunchKeys
+from executorlib.interactive.zygote import Zygote, forkable, interpreter_settings
 from executorlib.processes import (
     THREAD_VARIABLES,
     child_environment,
@@ -57,16 +61,22 @@ class Launch:
 
 
 class WorkerProcess:
-    """A started worker: its pidfd and stderr, both pollable, and how it ended."""
+    """A started worker: its pidfd and stderr, both pollable, and how it ended. With a
+    ``zygote``, the process is forked from it instead (zygote.py)."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], cwd: str | None) -> None:
+    def __init__(self, argv: list[str], env: dict[str, str], cwd: str | None,
+                 zygote: Zygote | None = None) -> None:
         self.argv = argv
-        self.popen = subprocess.Popen(
-            _dying_with_us(argv), env=env, cwd=cwd, stdin=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,  # Ctrl-C reaches the executor, which stops workers
-        )
-        self._pidfd = os.pidfd_open(self.popen.pid)
+        if zygote is not None:
+            self.popen = zygote.fork(argv, env, cwd)
+            self._pidfd = self.popen.pidfd
+        else:
+            self.popen = subprocess.Popen(
+                _dying_with_us(argv), env=env, cwd=cwd, stdin=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                start_new_session=True,  # Ctrl-C reaches the executor, which stops workers
+            )
+            self._pidfd = os.pidfd_open(self.popen.pid)
         self._stderr = self.popen.stderr.fileno()
         os.set_blocking(self._stderr, False)
         self._tail = bytearray()
@@ -126,11 +136,28 @@ def _dying_with_us(argv: list[str]) -> list[str]:
     launcher get SIGTERM when this process ends (see the module docstring)."""
     if argv[0] == sys.executable:
         return argv  # a Python worker sets its parent-death signal itself
+    if setpriv := _setpriv():
+        # If our process died between the fork and setpriv's prctl (microseconds), the
+        # launcher would live on; its workers still end when their connection drops.
+        return [setpriv, "--pdeathsig", "TERM", "--", *argv]
     return [sys.executable, "-I", "-S", "-c", _DIE_WITH_PARENT_EXEC, str(os.getpid()), *argv]
 
 
+@functools.cache
+def _setpriv() -> str | None:
+    """util-linux's setpriv, where it knows ``--pdeathsig`` (2.33 and later)."""
+    import shutil
+
+    path = shutil.which("setpriv")
+    if path is None:
+        return None
+    done = subprocess.run([path, "--help"], capture_output=True, text=True, check=False)
+    return path if "--pdeathsig" in done.stdout else None
+
+
 class LocalSpawner:
-    """Workers as local processes: ``python -m`` for one core, ``mpiexec`` for more."""
+    """Workers as local processes: ``python`` for one core (forked from the executor's
+    zygote where it has one: zygote.py), ``mpiexec`` for more."""
 
     bind_host = "127.0.0.1"
     name = "local"
@@ -138,12 +165,36 @@ class LocalSpawner:
     # an allocation an idle spare step would hold CPUs a nested executor needs.
     spares = True
 
+    def __init__(self, zygote: Zygote | None = None) -> None:
+        self._zygote = zygote  # started by an executor of fresh serial workers (executor.py)
+        self._use_zygote = True  # until it fails once
+
     def start(self, launch: Launch) -> WorkerProcess:
         resources = launch.resources
         if resources.cwd:
             os.makedirs(resources.cwd, exist_ok=True)
-        argv = self.command(launch)
-        return WorkerProcess(argv, worker_environment(launch), resources.cwd)
+        argv, env = self.command(launch), worker_environment(launch)
+        zygote = self._zygote_for(argv, env)
+        if zygote is not None:
+            try:
+                return WorkerProcess(argv, env, resources.cwd, zygote)
+            except OSError:  # it died or hung: start workers directly from now on
+                self._use_zygote = False
+                self.stop_helpers()
+        return WorkerProcess(argv, env, resources.cwd)
+
+    def _zygote_for(self, argv: list[str], env: dict[str, str]) -> Zygote | None:
+        """The executor's zygote, if it has one and it can start this worker."""
+        zygote = self._zygote
+        if zygote is None or not self._use_zygote or not forkable(argv):
+            return None
+        return zygote if zygote.settings == interpreter_settings(env) else None
+
+    def stop_helpers(self) -> None:
+        """End the zygote, if one was started (the manager thread's last act)."""
+        if self._zygote is not None:
+            self._zygote.close()
+            self._zygote = None
 
     def command(self, launch: Launch) -> list[str]:
         """The argv that starts the worker for ``launch``."""

@@ -1,0 +1,126 @@
+"""The zygote: a pre-imported process that forks each fresh local worker.
+
+``python -c <start> FD``, started by the executor's manager thread (see
+executorlib/interactive/zygote.py for the executor's half and the whole protocol). It
+imports what a worker needs, then waits on the socket ``FD``. For each request it forks;
+the child, not the zygote, reads the request (argv, environment, cwd, and its stderr
+pipe), so no launch's keys ever pass through the zygote's memory and no later child
+inherits them. The zygote reports each child's pid (with a pidfd) and, once it has
+reaped it, its wait status. It holds no ZeroMQ context or socket: a child starts from
+a state with nothing to inherit but imported modules.
+
+It ends when the executor's process ends (it polls a pidfd of it: unlike
+PR_SET_PDEATHSIG, this does not depend on which of the caller's threads started it) and
+when the executor closes the socket; its children die with it (each worker's own
+parent-death signal: worker.die_with_parent).
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import os
+import select
+import socket
+import sys
+
+_REQUEST_BYTES = 1 << 22  # argv + environment of one launch
+_SCM = socket.SOL_SOCKET, socket.SCM_RIGHTS
+
+
+def _caller_pidfd() -> int:
+    """A pidfd of the executor's process (our parent): readable once it has ended."""
+    parent = os.getppid()
+    pidfd = os.pidfd_open(parent)
+    if os.getppid() != parent:  # it ended before we looked
+        os._exit(1)
+    return pidfd
+
+
+class Zygote:
+    """The fork loop; :meth:`serve` returns only in a forked child (its ``-c`` code)."""
+
+    def __init__(self, control: socket.socket, caller: int) -> None:
+        self.control, self.caller = control, caller
+        self.children: dict[int, int] = {}  # pidfd -> pid, until reaped
+        self.poller = select.poll()
+        self.poller.register(control, select.POLLIN)
+        self.poller.register(caller, select.POLLIN)
+
+    def serve(self) -> str | None:
+        """Fork on each request, reap children; None once the executor hung up. The
+        first idle moment imports cloudpickle (what calls by value need): the first
+        request, often waiting already, does not wait for it."""
+        preloaded = False
+        while True:
+            events = self.poller.poll(None if preloaded else 0)
+            if not events and not preloaded:
+                import cloudpickle  # noqa: F401
+
+                preloaded = True
+            for fd, _ in events:
+                if fd == self.caller:
+                    return None  # the executor's process ended
+                if fd != self.control.fileno():
+                    self._reap(fd)
+                elif not self.control.recv(1, socket.MSG_PEEK):
+                    return None  # the executor closed its end
+                elif (code := self._fork()) is not None:
+                    return code
+
+    def _fork(self) -> str | None:
+        taken, consumed = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(taken)
+            return self._become_worker(consumed)
+        os.close(consumed)
+        os.read(taken, 1)  # EOF: the child has taken the request off the socket (or died)
+        os.close(taken)
+        pidfd = os.pidfd_open(pid)
+        self.children[pidfd] = pid
+        self.poller.register(pidfd, select.POLLIN)
+        self.control.sendmsg([f"S {pid}".encode()], [(*_SCM, array.array("i", [pidfd]))])
+        return None
+
+    def _reap(self, pidfd: int) -> None:
+        pid = self.children.pop(pidfd)
+        self.poller.unregister(pidfd)
+        os.close(pidfd)
+        _, status = os.waitpid(pid, 0)
+        self.control.send(f"E {pid} {status}".encode())
+
+    def _become_worker(self, consumed: int) -> str:
+        """In the child: take the request, drop everything of the zygote, set up the
+        process as ``subprocess.Popen`` would (new session, stdin from /dev/null, the
+        executor's stdout, a stderr pipe to the executor)."""
+        data, ancillary, _, _ = self.control.recvmsg(_REQUEST_BYTES, socket.CMSG_SPACE(8))
+        os.setsid()  # before the executor learns our pid: it stops us with killpg
+        os.close(consumed)
+        self.control.close()
+        for pidfd in [self.caller, *self.children]:
+            os.close(pidfd)
+        stderr, stdout = array.array("i", ancillary[0][2][:8])
+        request = json.loads(data)
+        for fd, target in ((stderr, 2), (stdout, 1)):
+            os.dup2(fd, target)
+            os.close(fd)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        if request["cwd"]:
+            os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        sys.argv = ["-c", *request["argv"][3:]]  # argv: python -c CODE ARGS...
+        return request["argv"][2]
+
+
+def main() -> None:
+    caller = _caller_pidfd()
+    control = socket.socket(fileno=int(sys.argv[1]))
+    import executorlib.backend.interactive_serial  # noqa: F401  (what every worker imports)
+
+    code = Zygote(control, caller).serve()
+    if code is not None:  # a forked child: run the worker as `python -c CODE` would
+        exec(compile(code, "<string>", "exec"), {"__name__": "__main__"})
