@@ -1,27 +1,41 @@
-"""HDF5 result cache: warm hit and cold write overhead per call, beside the stdlib.
+"""HDF5 result cache: warm hit and miss overhead per call, beside their floors.
 
-    python benchmarks/bench_cache.py [N]
+    python benchmarks/bench_cache.py [N] [--profile]
 
-Rows (per call, N distinct calls of a trivial function, one long-lived worker):
-  ProcessPoolExecutor(1)          the stdlib floor for a call in another process
-  executorlib, no cache           block allocation, one worker
-  executorlib, cold cache         same, every result written to a new HDF5 file
-  cold write overhead             cold cache minus no cache
-  executorlib, warm cache         every call served from its file, no worker touched
-  FileCache.load / .store alone   the cache's own share, without the executor
+Rows (milliseconds per call; N distinct calls of a trivial function):
+  floor: os.open + read + close        a small file (the bytes of a cache file), no checks
+  floor: h5py open + read one dataset  a small HDF5 file through h5py.File (locking off)
+  FileCache hit, D files               key + trusted open + read + unpickle, no worker,
+                                       with D files already in the cache directory
+  FileCache miss, D files              key + failed open + write of the result file
+  ProcessPoolExecutor(1), no cache     the stdlib, one long-lived worker
+  executorlib no / cold / warm cache   block allocation, one worker; "miss overhead" is
+                                       cold minus no cache, in the same run
+D runs over 200, 2,000 and 20,000 files (made in the set-up, copies of a real cache
+file under other keys): the rows must not grow with D (no listing of the directory).
+``--profile`` prints cProfile's top costs of a hit and of a miss (at the largest D).
 """
 
 from __future__ import annotations
 
+import cProfile
+import os
+import pstats
+import shutil
 import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 
+import h5py
+import numpy as np
+
 from executorlib import Executor
 from executorlib.cache import FileCache
 from executorlib.resources import Resources
 from executorlib.task import Task
+
+DIRECTORY_SIZES = (200, 2_000, 20_000)
 
 
 def work(i: int) -> int:
@@ -29,9 +43,63 @@ def work(i: int) -> int:
 
 
 def per_call(run, n: int) -> float:
+    """Milliseconds per call of ``run(n)``, which makes ``n`` calls."""
     start = time.perf_counter()
     run(n)
     return (time.perf_counter() - start) / n * 1e3
+
+
+def repeat(action, n: int) -> None:
+    for _ in range(n):
+        action()
+
+
+def floors(n: int, directory: str) -> dict[str, float]:
+    plain, small = os.path.join(directory, "plain"), os.path.join(directory, "small.h5")
+    with open(plain, "wb") as file:
+        file.write(os.urandom(1500))
+    with h5py.File(small, "w") as file:
+        file["x"] = np.frombuffer(os.urandom(40), dtype=np.uint8)
+
+    def read_plain() -> None:
+        descriptor = os.open(plain, os.O_RDONLY)
+        os.read(descriptor, 4096)
+        os.close(descriptor)
+
+    def read_h5() -> None:
+        with h5py.File(small, "r", locking=False) as file:
+            file["x"][()]
+
+    return {"floor: os.open + read + close": per_call(lambda k: repeat(read_plain, k), n),
+            "floor: h5py open + read one dataset": per_call(lambda k: repeat(read_h5, k), n)}
+
+
+def tasks(n: int, first: int) -> list[Task]:
+    return [Task(work, (first + i,), {}, Resources()) for i in range(n)]
+
+
+def fill(directory: str, size: int) -> None:
+    """``size`` cache files in ``directory``: copies of one real entry under other names."""
+    cache = FileCache(directory)
+    (seed,) = tasks(1, -1)
+    cache.load(seed)
+    cache.store(seed, 0)
+    source = next(os.path.join(directory, name) for name in os.listdir(directory))
+    have = len(os.listdir(directory))
+    for i in range(have, size):
+        shutil.copyfile(source, os.path.join(directory, f"work_{i:032x}.h5"))
+
+
+def cache_alone(n: int, directory: str, size: int) -> dict[str, float]:
+    fill(directory, size)
+    cache = FileCache(directory)
+    first = 10**6 * size
+    missed = tasks(n, first)
+    miss = per_call(lambda k: [cache.load(t) or cache.store(t, 0) for t in missed[:k]], n)
+    hits = tasks(n, first)
+    hit = per_call(lambda k: [cache.load(t) for t in hits[:k]], n)
+    assert all(t.future.result(timeout=0) == 0 for t in hits)
+    return {f"FileCache hit, {size} files": hit, f"FileCache miss, {size} files": miss}
 
 
 def batch(exe, n: int) -> None:
@@ -39,44 +107,50 @@ def batch(exe, n: int) -> None:
     assert [f.result() for f in futures] == [i + 1 for i in range(n)]
 
 
-def executorlib_rows(n: int, directory: str) -> dict[str, float]:
+def executor_rows(n: int, directory: str) -> dict[str, float]:
     rows = {}
+    with ProcessPoolExecutor(1) as pool:
+        batch(pool, 50)
+        rows["ProcessPoolExecutor(1), no cache"] = per_call(lambda k: batch(pool, k), n)
     with Executor(block_allocation=True, max_workers=1) as exe:
         batch(exe, 50)  # worker started and warm
         rows["executorlib, no cache"] = per_call(lambda k: batch(exe, k), n)
     with Executor(block_allocation=True, max_workers=1, cache_directory=directory) as exe:
         batch(exe, 50)
         rows["executorlib, cold cache"] = per_call(lambda k: batch(exe, k), n)
-        rows["cold write overhead"] = rows["executorlib, cold cache"] - rows["executorlib, no cache"]
-        rows["executorlib, warm cache"] = per_call(lambda k: batch(exe, k), n)
-        rows["executorlib, warm cache, submit+result one by one"] = per_call(
-            lambda k: [exe.submit(work, i).result() for i in range(k)], n)
+        rows["executorlib, miss overhead (cold - no cache)"] = (
+            rows["executorlib, cold cache"] - rows["executorlib, no cache"])
+        rows["executorlib, warm cache (hit)"] = per_call(lambda k: batch(exe, k), n)
     return rows
 
 
-def cache_alone(n: int, directory: str) -> dict[str, float]:
+def profile(n: int, directory: str) -> None:
     cache = FileCache(directory)
-    tasks = [Task(work, (10**6 + i,), {}, Resources()) for i in range(n)]
-    load_miss = per_call(lambda k: [cache.load(t) for t in tasks[:k]], n)
-    store = per_call(lambda k: [cache.store(t, 0) for t in tasks[:k]], n)
-    hits = [Task(work, (10**6 + i,), {}, Resources()) for i in range(n)]
-    load_hit = per_call(lambda k: [cache.load(t) for t in hits[:k]], n)
-    return {"FileCache.load, miss (key + stat)": load_miss, "FileCache.store (write file)": store,
-            "FileCache.load, hit (key + read)": load_hit}
+    first = 10**9
+    for name, calls in (("miss", lambda t: cache.load(t) or cache.store(t, 0)), ("hit", cache.load)):
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for task in tasks(n, first):
+            calls(task)
+        profiler.disable()
+        print(f"\n--- cProfile, {n} {name}es, {len(os.listdir(directory))} files in the directory")
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(12)
 
 
 def main() -> None:
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
-    rows = {}
-    with ProcessPoolExecutor(1) as pool:
-        batch(pool, 50)
-        rows["ProcessPoolExecutor(1), no cache"] = per_call(lambda k: batch(pool, k), n)
+    n = int(next((a for a in sys.argv[1:] if a.isdigit()), "1000"))
+    rows: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as directory:
-        rows.update(executorlib_rows(n, directory + "/a"))
-        rows.update(cache_alone(n, directory + "/b"))
-    print(f"{'per call, N=' + str(n):<52} {'ms':>8}")
-    for name, value in rows.items():
-        print(f"{name:<52} {value:8.3f}")
+        rows.update(floors(n, directory))
+        for size in DIRECTORY_SIZES:
+            rows.update(cache_alone(n, os.path.join(directory, f"d{size}"), size))
+        rows.update(executor_rows(n, os.path.join(directory, "executor")))
+        print(f"load average {os.getloadavg()[0]:.2f}")
+        print(f"{'per call, N=' + str(n):<52} {'ms':>8}")
+        for name, value in rows.items():
+            print(f"{name:<52} {value:8.3f}")
+        if "--profile" in sys.argv:
+            profile(n, os.path.join(directory, f"d{DIRECTORY_SIZES[-1]}"))
 
 
 if __name__ == "__main__":
