@@ -2,7 +2,8 @@
 
     python benchmarks/bench_cache.py [N] [--profile]
 
-Rows (milliseconds per call; N distinct calls of a trivial function):
+Rows (milliseconds per call, wall clock and this process's CPU time; N distinct calls
+of a trivial function):
   floor: os.open + read + close        a small file (the bytes of a cache file), no checks
   floor: h5py open + read one dataset  a small HDF5 file through h5py.File (locking off)
   FileCache hit, D files               key + trusted open + read + unpickle, no worker,
@@ -42,11 +43,12 @@ def work(i: int) -> int:
     return i + 1
 
 
-def per_call(run, n: int) -> float:
-    """Milliseconds per call of ``run(n)``, which makes ``n`` calls."""
-    start = time.perf_counter()
+def per_call(run, n: int) -> tuple[float, float]:
+    """Milliseconds per call of ``run(n)``, which makes ``n`` calls: wall clock, and CPU
+    time of this process (all its threads; less disturbed by other load on the machine)."""
+    start, cpu = time.perf_counter(), time.process_time()
     run(n)
-    return (time.perf_counter() - start) / n * 1e3
+    return (time.perf_counter() - start) / n * 1e3, (time.process_time() - cpu) / n * 1e3
 
 
 def repeat(action, n: int) -> None:
@@ -54,7 +56,7 @@ def repeat(action, n: int) -> None:
         action()
 
 
-def floors(n: int, directory: str) -> dict[str, float]:
+def floors(n: int, directory: str) -> dict[str, tuple[float, float]]:
     plain, small = os.path.join(directory, "plain"), os.path.join(directory, "small.h5")
     with open(plain, "wb") as file:
         file.write(os.urandom(1500))
@@ -90,7 +92,7 @@ def fill(directory: str, size: int) -> None:
         shutil.copyfile(source, os.path.join(directory, f"work_{i:032x}.h5"))
 
 
-def cache_alone(n: int, directory: str, size: int) -> dict[str, float]:
+def cache_alone(n: int, directory: str, size: int) -> dict[str, tuple[float, float]]:
     fill(directory, size)
     cache = FileCache(directory)
     first = 10**6 * size
@@ -107,7 +109,7 @@ def batch(exe, n: int) -> None:
     assert [f.result() for f in futures] == [i + 1 for i in range(n)]
 
 
-def executor_rows(n: int, directory: str) -> dict[str, float]:
+def executor_rows(n: int, directory: str) -> dict[str, tuple[float, float]]:
     rows = {}
     with ProcessPoolExecutor(1) as pool:
         batch(pool, 50)
@@ -118,8 +120,9 @@ def executor_rows(n: int, directory: str) -> dict[str, float]:
     with Executor(block_allocation=True, max_workers=1, cache_directory=directory) as exe:
         batch(exe, 50)
         rows["executorlib, cold cache"] = per_call(lambda k: batch(exe, k), n)
-        rows["executorlib, miss overhead (cold - no cache)"] = (
-            rows["executorlib, cold cache"] - rows["executorlib, no cache"])
+        rows["executorlib, miss overhead (cold - no cache)"] = tuple(
+            cold - plain for cold, plain in zip(rows["executorlib, cold cache"],
+                                                 rows["executorlib, no cache"], strict=True))
         rows["executorlib, warm cache (hit)"] = per_call(lambda k: batch(exe, k), n)
     return rows
 
@@ -139,16 +142,16 @@ def profile(n: int, directory: str) -> None:
 
 def main() -> None:
     n = int(next((a for a in sys.argv[1:] if a.isdigit()), "1000"))
-    rows: dict[str, float] = {}
+    rows: dict[str, tuple[float, float]] = {}
     with tempfile.TemporaryDirectory() as directory:
         rows.update(floors(n, directory))
         for size in DIRECTORY_SIZES:
             rows.update(cache_alone(n, os.path.join(directory, f"d{size}"), size))
         rows.update(executor_rows(n, os.path.join(directory, "executor")))
         print(f"load average {os.getloadavg()[0]:.2f}")
-        print(f"{'per call, N=' + str(n):<52} {'ms':>8}")
-        for name, value in rows.items():
-            print(f"{name:<52} {value:8.3f}")
+        print(f"{'per call, N=' + str(n):<52} {'ms':>8} {'CPU ms':>8}")
+        for name, (wall, cpu) in rows.items():
+            print(f"{name:<52} {wall:8.3f} {cpu:8.3f}")
         if "--profile" in sys.argv:
             profile(n, os.path.join(directory, f"d{DIRECTORY_SIZES[-1]}"))
 

@@ -29,6 +29,7 @@ This is the only module that imports h5py (``pip install 'executorlib[cache]'``)
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -101,10 +102,9 @@ def _packed_image(blobs: dict[str, bytes], name: str, runtime: float) -> bytes:
         starts[blob_name], start = [start, len(blob)], start + len(blob)
     index = {"format": _FORMAT, "name": name, "runtime": runtime, "blobs": starts}
     digest = hashlib.blake2b(packed, digest_size=16).hexdigest()
-    size = _user_block_size(len(_header(index, 10**12, digest)))
-    creation = h5p.create(h5p.FILE_CREATE)
-    creation.set_userblock(size)
-    fid = h5f.create(b"in-memory", h5f.ACC_TRUNC, creation, fapl=_IN_MEMORY)
+    text = json.dumps({**index, "digest": digest})[:-1]  # "base" follows, once known
+    size = _user_block_size(len(_MAGIC) + len(text) + 32)
+    fid = h5f.create(b"in-memory", h5f.ACC_TRUNC, _with_user_block(size), fapl=_IN_MEMORY)
     try:
         _write_blob(fid, "blobs", packed)
         h5f.flush(fid)
@@ -112,12 +112,9 @@ def _packed_image(blobs: dict[str, bytes], name: str, runtime: float) -> bytes:
     finally:
         fid.close()
     found = image.find(packed)  # the raw bytes of "blobs" (or an identical run before them)
-    header = _header(index, size + found, digest) if found >= 0 else b""
-    return header.ljust(size, b"\0") + image
-
-
-def _header(index: dict, base: int, digest: str) -> bytes:
-    return _MAGIC + json.dumps({**index, "base": base, "digest": digest}).encode() + b"\n"
+    if found < 0:  # HDF5 keeps an attribute's or a contiguous dataset's bytes in one run
+        raise RuntimeError("HDF5 did not store the blobs as one run of bytes; nothing was written")
+    return (_MAGIC + f'{text}, "base": {size + found}}}\n'.encode()).ljust(size, b"\0") + image
 
 
 def _user_block_size(needed: int) -> int:
@@ -125,6 +122,14 @@ def _user_block_size(needed: int) -> int:
     while size < needed:
         size *= 2
     return size
+
+
+@functools.lru_cache(maxsize=8)
+def _with_user_block(size: int) -> Any:
+    """File creation properties: a user block of ``size`` bytes."""
+    creation = h5p.create(h5p.FILE_CREATE)
+    creation.set_userblock(size)
+    return creation
 
 
 def _write_all(descriptor: int, data: bytes) -> None:

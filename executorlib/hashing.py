@@ -24,6 +24,7 @@ from executorlib.task import Task
 
 _PLAIN_NAME = re.compile(r"(?!\.|jobs/)[\w.+=@,-]+(/(?!\.)[\w.+=@,-]+)*")
 _CODE_DIGESTS: dict[types.CodeType, bytes] = {}
+_PLAIN = frozenset({int, float, complex, str, bytes, bool, type(None), tuple, list, dict})
 
 
 def task_key(task: Task) -> str:
@@ -75,6 +76,8 @@ class _StablePickler(pickle.Pickler):
         self._open: set[int] = set()
 
     def persistent_id(self, obj: Any) -> Any:
+        if type(obj) in _PLAIN:  # called for every object pickled: the common case first
+            return None
         if isinstance(obj, types.FunctionType):
             return self._function(obj)
         if isinstance(obj, (set, frozenset)):
