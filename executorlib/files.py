@@ -8,7 +8,8 @@
   never blocks us) relative to its directory, and both are checked on the open handles:
   the directory must be ours and writable by nobody else, the file a regular file of ours
   that nobody else can write. Otherwise :class:`UntrustedFileError` says which path, which
-  owner or mode is wrong, and how to fix it.
+  owner or mode is wrong, and how to fix it. A cache keeps its directory open
+  (:class:`TrustedDirectory`): one ``open`` relative to it and three ``fstat`` per lookup.
 - **Shared caches** are the one exception, and only as an explicit opt-in: with
   ``EXECUTORLIB_SHARED_CACHE_KEY_FILE`` pointing at a key file (a private file of the user,
   outside the cache), every entry we write carries an HMAC under that key, and an entry in
@@ -228,7 +229,7 @@ class TrustedDirectory:
     def _handle(self) -> int:
         with self._lock:
             if os.fstat(self._handles[-1]).st_nlink == 0:  # removed (rm -r) while we run
-                self.path = private_directory(self.path)
+                private_directory(self.path)
                 self._open_handle()
             return self._handles[-1]  # older ones stay open: another thread may use them
 

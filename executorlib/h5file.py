@@ -61,7 +61,8 @@ except ImportError as _error:  # pragma: no cover - depends on the installation
 
 BLOBS = ("function", "args", "kwargs", "resources", "result", "error", "traceback")
 _ATTRIBUTE_MAX = 32 * 1024  # bigger blobs go to datasets (attribute limit: 64 kB)
-_IN_MEMORY_MAX = 1024 * 1024  # smaller files are packed, written and read as one image
+_IN_MEMORY_MAX = 1024 * 1024  # blobs up to this size are packed, written as one image
+_READ_WHOLE_MAX = 2 * _IN_MEMORY_MAX  # files up to this size are read as one image
 _MAGIC = b"executorlib cache file\n"  # first line of a packed file's user block
 _FORMAT = 2
 # No HDF5 file locks: files are never changed in place (written aside, then replaced).
@@ -185,7 +186,7 @@ class _Reader:
         self._fid, self._blobs, self._index = None, None, {}
         try:  # HDF5 reads the very file we checked: its bytes, or through its descriptor
             size = os.fstat(descriptor).st_size
-            if size <= _IN_MEMORY_MAX:
+            if size <= _READ_WHOLE_MAX:  # every packed file: blobs, index, HDF5's own bytes
                 image = _read_all(descriptor, size)
                 self._blobs, self._index = _unpacked(image)
                 if self._blobs is None:

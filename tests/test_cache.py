@@ -34,6 +34,11 @@ def big_array(n):
     return np.arange(n, dtype=np.float64)
 
 
+def record_and_make(marker, size):
+    record_and_add(marker, size)
+    return bytes(range(256)) * (size // 256)
+
+
 def runs(marker) -> int:
     return len(open(marker).read().splitlines()) if os.path.exists(marker) else 0
 
@@ -242,3 +247,15 @@ def test_a_cache_directory_removed_while_the_executor_runs_is_made_again(tmp_pat
         assert exe.submit(record_and_add, marker, 2).result(timeout=60) == 2
     assert runs(marker) == 2 and len(h5_files(cache)) == 1
     assert oct(cache.stat().st_mode & 0o777) == "0o700"
+
+
+@pytest.mark.parametrize("size", [256, 40 * 1024, 1024 * 1024 - 1024, 1024 * 1024 + 4096])
+def test_results_of_every_size_are_served_again(tmp_path, size):
+    """Around both layouts' limits: an attribute, a dataset, packed just under 1 MiB,
+    one object per blob above."""
+    marker, cache = str(tmp_path / "marker"), str(tmp_path / "cache")
+    expected = bytes(range(256)) * (size // 256)
+    for _ in range(2):
+        with Executor(cache_directory=cache) as exe:
+            assert exe.submit(record_and_make, marker, size).result(timeout=60) == expected
+    assert runs(marker) == 1
