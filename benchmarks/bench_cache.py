@@ -1,11 +1,13 @@
 """HDF5 result cache: warm hit and miss overhead per call, beside their floors.
 
-    python benchmarks/bench_cache.py [N] [--profile]
+    python benchmarks/bench_cache.py [N] [--profile] [--in DIRECTORY]
 
 Rows (milliseconds per call, wall clock and this process's CPU time; N distinct calls
 of a trivial function):
   floor: os.open + read + close        a small file (the bytes of a cache file), no checks
   floor: h5py open + read one dataset  a small HDF5 file through h5py.File (locking off)
+  floor: create + write + rename       a new small file under its name: the file system's
+                                       share of every miss
   FileCache hit, D files               key + trusted open + read + unpickle, no worker,
                                        with D files already in the cache directory
   FileCache miss, D files              key + failed open + write of the result file
@@ -14,7 +16,8 @@ of a trivial function):
                                        cold minus no cache, in the same run
 D runs over 200, 2,000 and 20,000 files (made in the set-up, copies of a real cache
 file under other keys): the rows must not grow with D (no listing of the directory).
-``--profile`` prints cProfile's top costs of a hit and of a miss (at the largest D).
+``--profile`` prints cProfile's top costs of a hit and of a miss (at the largest D);
+``--in`` puts the directories on another file system (default: the temporary directory).
 """
 
 from __future__ import annotations
@@ -72,8 +75,18 @@ def floors(n: int, directory: str) -> dict[str, tuple[float, float]]:
         with h5py.File(small, "r", locking=False) as file:
             file["x"][()]
 
+    written = iter(range(n + 1))
+
+    def write_plain() -> None:  # what every miss must do: a new file, complete when named
+        temporary = os.path.join(directory, "temporary")
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(descriptor, b"x" * 1500)
+        os.close(descriptor)
+        os.replace(temporary, os.path.join(directory, f"written{next(written)}"))
+
     return {"floor: os.open + read + close": per_call(lambda k: repeat(read_plain, k), n),
-            "floor: h5py open + read one dataset": per_call(lambda k: repeat(read_h5, k), n)}
+            "floor: h5py open + read one dataset": per_call(lambda k: repeat(read_h5, k), n),
+            "floor: create + write + rename a small file": per_call(lambda k: repeat(write_plain, k), n)}
 
 
 def tasks(n: int, first: int) -> list[Task]:
@@ -130,20 +143,21 @@ def executor_rows(n: int, directory: str) -> dict[str, tuple[float, float]]:
 def profile(n: int, directory: str) -> None:
     cache = FileCache(directory)
     first = 10**9
-    for name, calls in (("miss", lambda t: cache.load(t) or cache.store(t, 0)), ("hit", cache.load)):
+    for name, calls in (("misses", lambda t: cache.load(t) or cache.store(t, 0)), ("hits", cache.load)):
         profiler = cProfile.Profile()
         profiler.enable()
         for task in tasks(n, first):
             calls(task)
         profiler.disable()
-        print(f"\n--- cProfile, {n} {name}es, {len(os.listdir(directory))} files in the directory")
+        print(f"\n--- cProfile, {n} {name}, {len(os.listdir(directory))} files in the directory")
         pstats.Stats(profiler).sort_stats("tottime").print_stats(12)
 
 
 def main() -> None:
-    n = int(next((a for a in sys.argv[1:] if a.isdigit()), "1000"))
+    n = int(sys.argv[1]) if sys.argv[1:2] and sys.argv[1].isdigit() else 1000
     rows: dict[str, tuple[float, float]] = {}
-    with tempfile.TemporaryDirectory() as directory:
+    base = sys.argv[sys.argv.index("--in") + 1] if "--in" in sys.argv else None
+    with tempfile.TemporaryDirectory(dir=base) as directory:
         rows.update(floors(n, directory))
         for size in DIRECTORY_SIZES:
             rows.update(cache_alone(n, os.path.join(directory, f"d{size}"), size))
