@@ -6,11 +6,11 @@ Rows (milliseconds per call, wall clock and this process's CPU time; N distinct 
 of a trivial function):
   floor: os.open + read + close        a small file (the bytes of a cache file), no checks
   floor: h5py open + read one dataset  a small HDF5 file through h5py.File (locking off)
-  floor: create + write + rename       a new small file under its name: the file system's
-                                       share of every miss
   FileCache hit, D files               key + trusted open + read + unpickle, no worker,
                                        with D files already in the cache directory
   FileCache miss, D files              key + failed open + write of the result file
+    floor: create + write + rename     a new small file under its name, in that directory,
+                                       in turns with the misses: the file system's share
   ProcessPoolExecutor(1), no cache     the stdlib, one long-lived worker
   executorlib no / cold / warm cache   block allocation, one worker; "miss overhead" is
                                        cold minus no cache, in the same run
@@ -29,6 +29,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 
 import h5py
@@ -75,18 +76,36 @@ def floors(n: int, directory: str) -> dict[str, tuple[float, float]]:
         with h5py.File(small, "r", locking=False) as file:
             file["x"][()]
 
-    written = iter(range(n + 1))
+    return {"floor: os.open + read + close": per_call(lambda k: repeat(read_plain, k), n),
+            "floor: h5py open + read one dataset": per_call(lambda k: repeat(read_h5, k), n)}
 
-    def write_plain() -> None:  # what every miss must do: a new file, complete when named
-        temporary = os.path.join(directory, "temporary")
+
+def floor_writer(directory: str) -> Callable[[], None]:
+    """What every miss must do, in ``directory``: a new small file, complete when named.
+    Measured per directory and in turns with the misses: on this machine's ext4, making
+    a file costs 20 us in one directory and 1.5 ms in another (the block group it lands
+    in), and other users' load changes it from one second to the next."""
+    written = iter(range(10**9))
+
+    def write_plain() -> None:
+        temporary = os.path.join(directory, "floor.tmp")
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         os.write(descriptor, b"x" * 1500)
         os.close(descriptor)
-        os.replace(temporary, os.path.join(directory, f"written{next(written)}"))
+        os.replace(temporary, os.path.join(directory, f"floor{next(written)}"))
 
-    return {"floor: os.open + read + close": per_call(lambda k: repeat(read_plain, k), n),
-            "floor: h5py open + read one dataset": per_call(lambda k: repeat(read_h5, k), n),
-            "floor: create + write + rename a small file": per_call(lambda k: repeat(write_plain, k), n)}
+    return write_plain
+
+
+def in_turns(actions: list[Callable[[], object]], n: int, turns: int = 10) -> list[tuple[float, float]]:
+    """Per-call times of each action, each run ``n`` times in ``turns`` alternating
+    slices, so that all of them see the same load."""
+    totals = [(0.0, 0.0)] * len(actions)
+    for _ in range(turns):
+        for i, action in enumerate(actions):
+            wall, cpu = per_call(lambda k, act=action: repeat(act, k), n // turns)
+            totals[i] = (totals[i][0] + wall / turns, totals[i][1] + cpu / turns)
+    return totals
 
 
 def tasks(n: int, first: int) -> list[Task]:
@@ -109,12 +128,18 @@ def cache_alone(n: int, directory: str, size: int) -> dict[str, tuple[float, flo
     fill(directory, size)
     cache = FileCache(directory)
     first = 10**6 * size
-    missed = tasks(n, first)
-    miss = per_call(lambda k: [cache.load(t) or cache.store(t, 0) for t in missed[:k]], n)
+    pending = iter(tasks(n, first))
+
+    def miss() -> None:
+        task = next(pending)
+        cache.load(task) or cache.store(task, 0)
+
+    miss_times, floor_times = in_turns([miss, floor_writer(directory)], n)
     hits = tasks(n, first)
     hit = per_call(lambda k: [cache.load(t) for t in hits[:k]], n)
     assert all(t.future.result(timeout=0) == 0 for t in hits)
-    return {f"FileCache hit, {size} files": hit, f"FileCache miss, {size} files": miss}
+    return {f"FileCache hit, {size} files": hit, f"FileCache miss, {size} files": miss_times,
+            f"  floor: create + write + rename there ({size})": floor_times}
 
 
 def batch(exe, n: int) -> None:
@@ -137,6 +162,7 @@ def executor_rows(n: int, directory: str) -> dict[str, tuple[float, float]]:
             cold - plain for cold, plain in zip(rows["executorlib, cold cache"],
                                                  rows["executorlib, no cache"], strict=True))
         rows["executorlib, warm cache (hit)"] = per_call(lambda k: batch(exe, k), n)
+    rows["  floor: create + write + rename, in its directory"] = in_turns([floor_writer(directory)], n)[0]
     return rows
 
 
