@@ -72,6 +72,12 @@ class JobRequest:
 
 def check_resources(resources: Resources) -> None:
     """Raise ``ValueError`` for resources Flux cannot express, before anything is submitted."""
+    if resources.container is not None:
+        raise ValueError(
+            "resource_dict['container'] is not supported with Flux: its workers read their keys "
+            "from a private file outside any container; run the container around the Flux "
+            "instance instead, or use the local, slurm_allocation or pilot-pool backends"
+        )
     if resources.gpus_per_core != int(resources.gpus_per_core):
         raise ValueError(
             f"Flux assigns whole GPUs per task; resource_dict['gpus_per_core']="

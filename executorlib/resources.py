@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from numbers import Real
 from typing import Any
 
+from executorlib.container import Container
+
 
 @dataclass(frozen=True, slots=True)
 class Resources:
@@ -30,6 +32,8 @@ class Resources:
     submission_template: Jinja2 job-script template (submission mode).
     partition: queue/partition (submission mode). error_log_file: file for stderr.
     priority: Flux urgency.
+    container: run the worker in a container, e.g. ``{"runtime": "apptainer", "image":
+        "/path/to/image.sif", "binds": {"/data": "/data:ro"}}`` (see executorlib.container).
     """
 
     cores: int = 1
@@ -48,6 +52,7 @@ class Resources:
     partition: str | None = None
     error_log_file: str | None = None
     priority: int | None = None
+    container: Container | None = None
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None, base: Resources | None = None) -> Resources:
@@ -138,6 +143,10 @@ def _optional_int(key: str, value: Any) -> int | None:
     return value
 
 
+def _container(key: str, value: Any) -> Container | None:
+    return None if value is None else Container.from_dict(value)
+
+
 _CHECKS = {
     "cores": _positive_int,
     "threads_per_core": _positive_int,
@@ -155,6 +164,7 @@ _CHECKS = {
     "partition": _optional_str,
     "error_log_file": _optional_str,
     "priority": _optional_int,
+    "container": _container,
 }
 VALID_KEYS: tuple[str, ...] = tuple(f.name for f in fields(Resources))
 assert set(VALID_KEYS) == set(_CHECKS)

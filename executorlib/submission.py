@@ -84,6 +84,13 @@ class _ClusterExecutor(BaseExecutor):
 
     def _check_fits(self, resources: Resources) -> None:
         """The queue decides what fits; its refusal fails the call's future."""
+        if resources.container is not None and not self._options.block_allocation:
+            raise ValueError(
+                f"{type(self).__name__} runs each call as its own queue job from a task file, "
+                "which resource_dict['container'] does not wrap; use block_allocation=True "
+                "(SlurmClusterExecutor: a pilot pool, whose workers run in the container) or "
+                "start the container in your job script (resource_dict['submission_template'])"
+            )
 
     def _backend_info(self) -> dict[str, Any]:
         return {"queue": self._queue_name}

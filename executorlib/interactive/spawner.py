@@ -25,8 +25,16 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from executorlib.container import container_argv, container_environment, host_python_binds
 from executorlib.interactive.auth import KEYS_ENV, LaunchKeys
-from executorlib.processes import child_environment, describe_exit, mpiexec_prefix, python_argv
+from executorlib.processes import (
+    THREAD_VARIABLES,
+    child_environment,
+    describe_exit,
+    import_path,
+    mpiexec_prefix,
+    python_argv,
+)
 from executorlib.resources import Resources
 
 _STDERR_TAIL_BYTES = 4096
@@ -145,8 +153,16 @@ class LocalSpawner:
 
 
 def worker_argv(module: str, launch: Launch) -> list[str]:
-    """Start ``executorlib.backend.<module>`` with ``ADDRESS WORKER_ID``: no secret in argv."""
-    return python_argv(module, launch.address, str(launch.worker_id))
+    """Start ``executorlib.backend.<module>`` with ``ADDRESS WORKER_ID``: no secret in argv;
+    inside the container of ``resource_dict["container"]`` where there is one."""
+    argv = python_argv(module, launch.address, str(launch.worker_id))
+    spec = launch.resources.container
+    if spec is None:
+        return argv
+    if spec.host_python:
+        spec = spec.with_binds(host_python_binds([sys.base_prefix, sys.prefix], import_path()))
+    names = worker_variables(launch)
+    return container_argv(spec, argv, names, rootless=os.geteuid() != 0)
 
 
 def worker_environment(launch: Launch) -> dict[str, str]:
@@ -154,4 +170,13 @@ def worker_environment(launch: Launch) -> dict[str, str]:
     launch's keys (the worker removes them from its ``os.environ`` on every rank)."""
     env = child_environment(launch.resources)
     env[KEYS_ENV] = launch.keys.to_env()
+    if launch.resources.container is not None:
+        env = container_environment(launch.resources.container, env, worker_variables(launch))
     return env
+
+
+def worker_variables(launch: Launch) -> list[str]:
+    """Names of the variables a worker needs from its environment (a container passes
+    them on by name): the keys, the import path, threads, the user's ``env``."""
+    root = ["OMPI_ALLOW_RUN_AS_ROOT", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] if os.geteuid() == 0 else []
+    return [KEYS_ENV, "PYTHONPATH", *THREAD_VARIABLES, *root, *launch.resources.env]

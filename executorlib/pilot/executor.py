@@ -49,8 +49,9 @@ class SlurmPilotExecutor(SlurmClusterExecutor):
     init_function: runs once per worker; the dict it returns fills keyword arguments.
     resource_dict: each worker job's resources (``cores``, ``threads_per_core``,
         ``gpus_per_core``, ``partition``, ``memory_max``, ``num_nodes``, ``exclusive``,
-        ``cwd``, ``env``, ``slurm_cmd_args``). cache_directory: results are cached
-        there when given; job output goes to ``<it or ./executorlib_cache>/pilot/``.
+        ``cwd``, ``env``, ``slurm_cmd_args``, ``container``: the workers run in it).
+        cache_directory: results are cached there when given; job output goes to
+        ``<it or ./executorlib_cache>/pilot/``.
     pmi_mode (alias flux_executor_pmi_mode): ``srun --mpi=`` for MPI workers (``cores > 1``,
         default pmix). disable_dependencies, plot_dependency_graph(_filename),
         export_workflow_filename, log_obj_size: as for the other executors.

@@ -72,7 +72,8 @@ def output_pattern(settings: PilotSettings, worker_id: int) -> str:
 
 
 def job_script(launch: Launch, settings: PilotSettings) -> str:
-    """The job script: ``exec`` the worker, so the job ends when the worker does."""
+    """The job script: ``exec`` the worker, so the job ends when the worker does (in
+    ``resource_dict["container"]`` where given: ``worker_argv`` wraps it, inside srun)."""
     if launch.resources.cores == 1:
         command = worker_argv("interactive_serial", launch)
     else:

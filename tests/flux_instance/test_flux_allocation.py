@@ -123,6 +123,11 @@ def test_max_cores_defaults_to_the_instance_and_more_is_refused():
         assert exe.submit(add, 1, 2).result(timeout=60) == 3
 
 
+def test_a_container_is_refused_with_the_reason():
+    with pytest.raises(ValueError, match=r"resource_dict\['container'\] is not supported with Flux"):
+        FluxJobExecutor(resource_dict={"container": {"image": "/images/app.sif"}})
+
+
 @pytest.mark.parametrize("pmi_mode", [None, "simple", "pmi2", "pmix"])
 def test_mpi_call_under_each_pmi_mode_flux_serves(pmi_mode):
     with Executor(backend="flux_allocation", pmi_mode=pmi_mode) as exe:
