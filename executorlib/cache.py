@@ -20,7 +20,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from executorlib.dependencies import settle
-from executorlib.files import UntrustedFileError, check_directory, private_directory, read_small_text
+from executorlib.files import TrustedDirectory, UntrustedFileError, check_directory, read_small_text
 from executorlib.h5file import outcome_of, read_file, read_outcome, write_file
 from executorlib.hashing import task_key
 from executorlib.resources import Resources
@@ -83,7 +83,8 @@ class FileCache:
     """
 
     def __init__(self, cache_directory: str) -> None:
-        self.directory = private_directory(cache_directory)
+        self._directory = TrustedDirectory(cache_directory)  # opened and checked once
+        self.directory = self._directory.path
         self._started: dict[Task, tuple[str, float]] = {}
 
     def path(self, key: str) -> str:
@@ -97,7 +98,7 @@ class FileCache:
         except Exception as error:
             settle(task.future, exception=_unhashable(task, error))
             return True
-        outcome = read_outcome(path)
+        outcome = read_outcome(path, directory=self._directory)
         if outcome is not None and outcome[0] == "result":
             settle(task.future, result=outcome[1])
             return True
@@ -112,7 +113,7 @@ class FileCache:
             return
         try:
             blobs = {**call_blobs(task), "result": to_bytes(value)}
-            write_file(path, blobs, task.name, time.perf_counter() - start)
+            write_file(path, blobs, task.name, time.perf_counter() - start, self._directory)
         except Exception as error:
             warnings.warn(
                 f"the result of {task.name} could not be cached in {path} "

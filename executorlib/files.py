@@ -8,7 +8,8 @@
   never blocks us) relative to its directory, and both are checked on the open handles:
   the directory must be ours and writable by nobody else, the file a regular file of ours
   that nobody else can write. Otherwise :class:`UntrustedFileError` says which path, which
-  owner or mode is wrong, and how to fix it.
+  owner or mode is wrong, and how to fix it. A cache keeps its directory open
+  (:class:`TrustedDirectory`): one ``open`` relative to it and three ``fstat`` per lookup.
 - **Shared caches** are the one exception, and only as an explicit opt-in: with
   ``EXECUTORLIB_SHARED_CACHE_KEY_FILE`` pointing at a key file (a private file of the user,
   outside the cache), every entry we write carries an HMAC under that key, and an entry in
@@ -29,6 +30,8 @@ import os
 import pwd
 import secrets
 import stat
+import threading
+import weakref
 from collections.abc import Iterator
 
 KEY_FILE_VARIABLE = "EXECUTORLIB_SHARED_CACHE_KEY_FILE"
@@ -102,20 +105,25 @@ def open_trusted(path: str) -> tuple[int, bool]:
     authenticated (a shared directory). Raises ``FileNotFoundError``, or
     ``UntrustedFileError`` for a link, a FIFO or another non-regular file, or a file or
     directory another user could have written."""
-    os.lstat(path)  # a miss (the common case of a cache lookup) costs one system call
     directory, name = os.path.split(os.path.abspath(path))
     parent = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        shared = directory_is_shared(os.fstat(parent), directory)
-        try:
-            descriptor = os.open(name, _READ, dir_fd=parent)
-        except OSError as error:
-            if error.errno == errno.ELOOP:  # O_NOFOLLOW met a symbolic link
-                raise UntrustedFileError(f"refusing {path}: it is a symbolic link") from error
-            raise
+        return _open_in(parent, directory, name)
     finally:
         os.close(parent)
-    try:
+
+
+def _open_in(parent: int, directory: str, name: str) -> tuple[int, bool]:
+    """:func:`open_trusted` of ``name`` in the open directory ``parent`` (``directory``)."""
+    path = os.path.join(directory, name)
+    try:  # a miss (the common case of a cache lookup) costs this one system call
+        descriptor = os.open(name, _READ, dir_fd=parent)
+    except OSError as error:
+        if error.errno == errno.ELOOP:  # O_NOFOLLOW met a symbolic link
+            raise UntrustedFileError(f"refusing {path}: it is a symbolic link") from error
+        raise
+    try:  # both checked on the handles, before a byte of the file is used
+        shared = directory_is_shared(os.fstat(parent), directory)
         status = os.fstat(descriptor)
         if not stat.S_ISREG(status.st_mode):
             raise UntrustedFileError(f"refusing {path}: it is not a regular file")
@@ -171,20 +179,73 @@ def replacing(path: str) -> Iterator[int]:
         os.makedirs(directory, mode=0o700, exist_ok=True)
         parent = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        mode = 0o640 if directory_is_shared(os.fstat(parent), directory) else 0o600
-        temporary = f".{name}.{secrets.token_hex(8)}.tmp"
-        descriptor = os.open(temporary, _CREATE, mode, dir_fd=parent)
-        try:
+        with _replacing_in(parent, directory, name) as descriptor:
             yield descriptor
-            os.replace(temporary, name, src_dir_fd=parent, dst_dir_fd=parent)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temporary, dir_fd=parent)
-            raise
-        finally:
-            os.close(descriptor)
     finally:
         os.close(parent)
+
+
+@contextlib.contextmanager
+def _replacing_in(parent: int, directory: str, name: str) -> Iterator[int]:
+    """:func:`replacing` of ``name`` in the open directory ``parent`` (``directory``)."""
+    mode = 0o640 if directory_is_shared(os.fstat(parent), directory) else 0o600
+    temporary = f".{name}.{secrets.token_hex(8)}.tmp"
+    descriptor = os.open(temporary, _CREATE, mode, dir_fd=parent)
+    try:
+        yield descriptor
+        os.replace(temporary, name, src_dir_fd=parent, dst_dir_fd=parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary, dir_fd=parent)
+        raise
+    finally:
+        os.close(descriptor)
+
+
+class TrustedDirectory:
+    """A cache directory opened once (``O_DIRECTORY``) and checked on that handle at
+    every use (one ``fstat``); the files directly in it are opened and replaced relative
+    to it (``dir_fd``), so a lookup walks no path and opens no directory. Files in
+    sub-directories (a ``cache_key`` such as ``run1/step3``) take the path functions,
+    which check their own directory. A directory removed while open is made again."""
+
+    def __init__(self, path: str) -> None:
+        self.path = private_directory(path)
+        self._lock = threading.Lock()
+        self._handles: list[int] = []  # the current one last; all closed with the object
+        self._open_handle()
+        weakref.finalize(self, _close_all, self._handles)
+
+    def open(self, path: str) -> tuple[int, bool]:
+        """:func:`open_trusted` of ``path``."""
+        directory, name = os.path.split(path)
+        return _open_in(self._handle(), directory, name) if directory == self.path else open_trusted(path)
+
+    def replacing(self, path: str) -> contextlib.AbstractContextManager[int]:
+        """:func:`replacing` of ``path``."""
+        directory, name = os.path.split(path)
+        return _replacing_in(self._handle(), directory, name) if directory == self.path else replacing(path)
+
+    def _handle(self) -> int:
+        with self._lock:
+            if os.fstat(self._handles[-1]).st_nlink == 0:  # removed (rm -r) while we run
+                private_directory(self.path)
+                self._open_handle()
+            return self._handles[-1]  # older ones stay open: another thread may use them
+
+    def _open_handle(self) -> None:
+        handle = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            directory_is_shared(os.fstat(handle), self.path)
+        except BaseException:
+            os.close(handle)
+            raise
+        self._handles.append(handle)
+
+
+def _close_all(handles: list[int]) -> None:
+    for handle in handles:
+        os.close(handle)
 
 
 def write_text(path: str, text: str) -> None:

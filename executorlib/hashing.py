@@ -22,8 +22,10 @@ from typing import Any
 
 from executorlib.task import Task
 
+_UNSAFE = re.compile(r"[^\w.-]")  # in a function's name, replaced by "_" in file names
 _PLAIN_NAME = re.compile(r"(?!\.|jobs/)[\w.+=@,-]+(/(?!\.)[\w.+=@,-]+)*")
 _CODE_DIGESTS: dict[types.CodeType, bytes] = {}
+_PLAIN = frozenset({int, float, complex, str, bytes, bool, type(None), tuple, list, dict})
 
 
 def task_key(task: Task) -> str:
@@ -39,14 +41,13 @@ def task_key(task: Task) -> str:
             )
         return key
     call = (task.fn, task.args, task.kwargs)
-    method = next((vars(c)["__call__"] for c in type(task.fn).__mro__ if "__call__" in vars(c)), None)
-    if not isinstance(task.fn, (types.FunctionType, functools.partial)) and isinstance(
-        method, types.FunctionType
-    ):  # a callable instance: its class's code is part of what it is
-        call += (method,)
+    if not isinstance(task.fn, (types.FunctionType, functools.partial)):
+        method = next((vars(c)["__call__"] for c in type(task.fn).__mro__ if "__call__" in vars(c)), None)
+        if isinstance(method, types.FunctionType):  # a callable instance: its class's code
+            call += (method,)
     if task.resources.cores != 1:  # an MPI call returns one value per rank
         call += (task.resources.cores,)
-    name = re.sub(r"[^\w.-]", "_", stable_name(task.fn))[:80]
+    name = _UNSAFE.sub("_", stable_name(task.fn))[:80]
     return f"{name}_{call_digest(call)}"
 
 
@@ -75,6 +76,8 @@ class _StablePickler(pickle.Pickler):
         self._open: set[int] = set()
 
     def persistent_id(self, obj: Any) -> Any:
+        if type(obj) in _PLAIN:  # called for every object pickled: the common case first
+            return None
         if isinstance(obj, types.FunctionType):
             return self._function(obj)
         if isinstance(obj, (set, frozenset)):

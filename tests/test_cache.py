@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
+import pathlib
+import pickle
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -28,6 +32,11 @@ def record_and_fail(marker):
 
 def big_array(n):
     return np.arange(n, dtype=np.float64)
+
+
+def record_and_make(marker, size):
+    record_and_add(marker, size)
+    return bytes(range(256)) * (size // 256)
 
 
 def runs(marker) -> int:
@@ -59,12 +68,18 @@ def test_resolved_dependency_values_make_the_key(tmp_path):
     assert runs(marker) == 3
 
 
-def test_corrupt_file_is_reported_recomputed_and_overwritten(tmp_path):
+def one_entry(tmp_path, a: int) -> tuple[str, str, str]:
+    """Marker, cache directory and the one file of ``record_and_add(marker, a)``."""
     marker, cache = str(tmp_path / "marker"), str(tmp_path / "cache")
     with Executor(cache_directory=cache) as exe:
-        assert exe.submit(record_and_add, marker, 5).result(timeout=60) == 5
+        assert exe.submit(record_and_add, marker, a).result(timeout=60) == a
     (name,) = h5_files(cache)
-    path = os.path.join(cache, name)
+    return marker, cache, os.path.join(cache, name)
+
+
+def test_corrupt_file_is_reported_recomputed_and_overwritten(tmp_path):
+    marker, cache, path = one_entry(tmp_path, 5)
+    name = os.path.basename(path)
     with open(path, "r+b") as file:
         file.truncate(os.path.getsize(path) // 2)
     with Executor(cache_directory=cache) as exe, pytest.warns(RuntimeWarning, match=name):
@@ -194,3 +209,53 @@ def test_cache_key_with_sub_directories(tmp_path):
     assert get_future_from_cache(str(cache), "run1/step3").result(timeout=0) == 3
     (row,) = get_cache_data(str(cache))
     assert row["filename"] == str(cache / "run1" / "step3.h5") and row["output"] == 3
+
+
+def test_a_small_entry_is_plain_hdf5_with_its_index_in_the_user_block(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    _, _, path = one_entry(tmp_path, 3)
+    with h5py.File(path, "r") as file:
+        assert file.userblock_size >= 512 and list(file.attrs) == ["blobs"]
+        packed = file.attrs["blobs"].tobytes()
+    raw = pathlib.Path(path).read_bytes()
+    assert raw.startswith(b"executorlib cache file\n")
+    index = json.loads(raw.splitlines()[1])
+    assert index["name"] == "record_and_add" and index["runtime"] > 0
+    start, length = index["blobs"]["result"]
+    assert pickle.loads(packed[start:start + length]) == 3
+
+
+def test_an_entry_changed_after_writing_is_reported_and_recomputed(tmp_path):
+    marker, cache, path = one_entry(tmp_path, 7)
+    raw = bytearray(pathlib.Path(path).read_bytes())
+    index = json.loads(bytes(raw).splitlines()[1])
+    start, length = index["blobs"]["result"]
+    raw[index["base"] + start + length - 2] ^= 0xFF  # inside the pickled result
+    with open(path, "r+b") as file:
+        file.write(raw)
+    with Executor(cache_directory=cache) as exe, pytest.warns(RuntimeWarning, match="digest"):
+        assert exe.submit(record_and_add, marker, 7).result(timeout=60) == 7
+    assert runs(marker) == 2
+
+
+def test_a_cache_directory_removed_while_the_executor_runs_is_made_again(tmp_path):
+    marker, cache = str(tmp_path / "marker"), tmp_path / "cache"
+    with Executor(cache_directory=str(cache)) as exe:
+        assert exe.submit(record_and_add, marker, 1).result(timeout=60) == 1
+        shutil.rmtree(cache)
+        assert exe.submit(record_and_add, marker, 2).result(timeout=60) == 2
+        assert exe.submit(record_and_add, marker, 2).result(timeout=60) == 2
+    assert runs(marker) == 2 and len(h5_files(cache)) == 1
+    assert oct(cache.stat().st_mode & 0o777) == "0o700"
+
+
+@pytest.mark.parametrize("size", [256, 40 * 1024, 1024 * 1024 - 1024, 1024 * 1024 + 4096])
+def test_results_of_every_size_are_served_again(tmp_path, size):
+    """Around both layouts' limits: an attribute, a dataset, packed just under 1 MiB,
+    one object per blob above."""
+    marker, cache = str(tmp_path / "marker"), str(tmp_path / "cache")
+    expected = bytes(range(256)) * (size // 256)
+    for _ in range(2):
+        with Executor(cache_directory=cache) as exe:
+            assert exe.submit(record_and_make, marker, size).result(timeout=60) == expected
+    assert runs(marker) == 1
