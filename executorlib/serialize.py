@@ -73,14 +73,17 @@ def buffer_of(frame: Any) -> Any:
     return getattr(frame, "buffer", frame)
 
 
-def to_bytes(obj: Any) -> bytes:
-    """One in-band pickle (no extra frames), cloudpickle where plain pickle refuses."""
-    try:
-        return pickle.dumps(obj, protocol=5)
-    except Exception:
-        import cloudpickle
+def to_bytes(obj: Any, by_value: bool = False) -> bytes:
+    """One in-band pickle (no extra frames), cloudpickle where plain pickle refuses or
+    where ``by_value`` asks for it (see :func:`dumps`)."""
+    if not by_value:
+        try:
+            return pickle.dumps(obj, protocol=5)
+        except Exception:  # lambdas, closures, objects of classes sent by value
+            pass
+    import cloudpickle
 
-        return cloudpickle.dumps(obj, protocol=5)
+    return cloudpickle.dumps(obj, protocol=5)
 
 
 def format_failure(exception: BaseException, where: str = "") -> str:

@@ -127,6 +127,21 @@ def test_mixed_list_of_large_and_small_values(shm_files):
         assert got.dtype == sent.dtype and np.array_equal(got, sent)
 
 
+def test_a_function_that_captures_a_large_array_travels_with_it(shm_files):
+    """A closure's or lambda's captured array above the out-of-band size goes inside the
+    function's pickle (which is reused as one object), never as a lost extra frame."""
+    captured = np.arange(100_000)  # 800 kB, far above the out-of-band threshold
+
+    def total() -> int:
+        return int(captured.sum())
+
+    with Executor(block_allocation=True, max_workers=1) as exe:
+        assert exe.submit(total).result(timeout=60) == 4_999_950_000
+        assert exe.submit(lambda: int(captured[-1])).result(timeout=60) == 99_999
+    with Executor() as exe:  # one worker per call
+        assert exe.submit(total).result(timeout=60) == 4_999_950_000
+
+
 def test_bytes_bytearray_memoryview_arguments(shm_files):
     blob = os.urandom(3_000_000)
     with Executor() as exe:  # one worker per call

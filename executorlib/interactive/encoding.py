@@ -99,7 +99,9 @@ class CallEncoder:
         cached = self._functions.get(id(fn))
         if cached is not None and cached[0]() is fn and _same(cached[1], captured):
             return cached[2]
-        data = _by_reference(fn) or serialize.dumps(fn, by_value=True)[0]
+        # in band: the pickle is reused as one bytes object, and a closure's large array
+        # must travel inside it
+        data = _by_reference(fn) or serialize.to_bytes(fn, by_value=True)
         if captured is not None:
             self._functions[id(fn)] = (_reference(fn), captured, data)
             if len(self._functions) > _CACHE_SIZE:
