@@ -84,6 +84,23 @@ def test_several_workers_of_one_job_run_calls_at_once_each_with_its_own_key(tmp_
         assert pilot_jobs("all")[job_id][0] == "COMPLETED"
 
 
+@pytest.mark.timeout(240)
+def test_resizing_a_pool_of_two_worker_jobs_adds_and_ends_whole_jobs(tmp_path):
+    with pool(tmp_path, max_workers=2, workers_per_job=2, idle_timeout=None) as exe:
+        calls = [exe.submit(hold, str(tmp_path), f"call{i}") for i in range(6)]
+        wait_until(lambda: started(tmp_path, "call0") and started(tmp_path, "call1"), 120, "two calls")
+        exe.max_workers = 4  # calls 2, 3 wait on the first job's workers (sent ahead); 4, 5 need a job
+        wait_until(lambda: started(tmp_path, "call4") and started(tmp_path, "call5"), 120, "a second job")
+        jobs = {started(tmp_path, f"call{i}")[0] for i in (0, 1, 4, 5)}
+        assert len(jobs) == 2 and set(pilot_jobs()) == jobs
+        exe.max_workers = 2  # every worker busy: one job drains, and ends when its calls are done
+        (tmp_path / "release").touch()
+        assert {f.result(timeout=120) for f in calls} == jobs
+        wait_until(lambda: len(pilot_jobs()) == 1 and len(exe.worker_jobs()) == 2, 120, "one job left")
+        (left,) = pilot_jobs()
+        assert [f.result(timeout=120)[1] for f in [exe.submit(job_of, i) for i in range(4)]] == [left] * 4
+
+
 def test_max_and_min_workers_must_be_multiples_of_workers_per_job(tmp_path):
     with pytest.raises(ValueError, match="max_workers=3 is not a multiple of workers_per_job=2.*use 2 or 4"):
         pool(tmp_path, max_workers=3, workers_per_job=2)

@@ -1,8 +1,9 @@
 """``SlurmClusterExecutor(block_allocation=True)``: a pool of long-lived worker jobs.
 
-    SlurmPilotExecutor ── PilotScheduler (pool.py: the manager thread + elastic policy)
+    SlurmPilotExecutor ── PilotScheduler (pool.py: the manager thread + elastic policy,
+                                          retire.py: when jobs end)
         └─ PilotSpawner.start(launch)  ─ sbatch (job.py) ─>  worker job on a node
-             PilotJob: eventfd <── JobWatcher (watcher.py: one squeue for all jobs)
+             PilotJob: N PilotWorkers, an eventfd each <── JobWatcher (watcher.py: one squeue)
              Guardian: cancels our jobs if this process dies (backend/pilot_guardian.py)
         worker  ── connects back to this host's name over the authenticated channel
 """
