@@ -95,6 +95,8 @@ class SlurmClusterExecutor(_ClusterExecutor):
 
     def __new__(cls, *args: Any, block_allocation: bool = False, **options: Any) -> SlurmClusterExecutor:
         """``block_allocation=True``: a pool of long-lived worker jobs (executorlib.pilot)."""
+        if block_allocation and options.get("ssh") is not None:  # the agent makes the pool
+            return super().__new__(cls, *args, block_allocation=True, **options)
         if block_allocation and cls is SlurmClusterExecutor:
             from executorlib.pilot.executor import SlurmPilotExecutor
 

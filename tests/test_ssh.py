@@ -7,8 +7,10 @@ session. The "remote Python" is a small wrapper around this machine's Python who
 import path holds this checkout and the tests (the cluster side needs the functions'
 modules, as a real cluster would need them installed); it also points the agent's
 private socket directory at this session's own folder, so the checks below see only
-this session's agents. After every test, no agent, bridge or Slurm job of the test is
-left (the conftest fixture checks the local side: ssh clients, workers).
+this session's processes (agent, bridge, a pilot pool's guardian and worker jobs: they
+inherit it), and passes on the test session's marker, so conftest's check of workers
+covers the cluster side too. After every test, no such process (on the login node n1 or
+elsewhere) and no Slurm job of the test is left.
 """
 
 from __future__ import annotations
@@ -81,15 +83,38 @@ class Hosts:
                 "ssh_args": ("-F", str(self.config)), **extra}
 
     def agents(self) -> list[psutil.Process]:
-        """This session's agents and bridges on the cluster side (same machine here)."""
+        """This session's executorlib processes on the cluster side: agents, bridges,
+        pilot guardians and workers, on n1 or any node (one process table here)."""
         found = []
         for process in psutil.process_iter(["cmdline"]):
             cmdline = " ".join(process.info["cmdline"] or [])
-            if "executorlib.remote" in cmdline:
+            if "executorlib" in cmdline:
                 with contextlib.suppress(psutil.Error):
                     if process.environ().get("XDG_RUNTIME_DIR") == str(self.run):
                         found.append(process)
         return found
+
+    def agent(self) -> psutil.Process:
+        """The one agent running now (started through ssh on n1)."""
+        (agent,) = [p for p in self.agents() if "executorlib.remote.agent" in " ".join(p.cmdline())]
+        return agent
+
+    def agent_state(self, agent: psutil.Process) -> str:
+        """The agent's own account of its sessions (``kill -USR2``: a line in its log)."""
+        socket_path = next(arg for arg in agent.cmdline() if arg.endswith(".sock"))
+        log = Path(socket_path[: -len(".sock")] + ".log")
+        before = log.read_text().count("\n")
+        agent.send_signal(signal.SIGUSR2)
+        deadline = time.monotonic() + 60
+        while (lines := log.read_text().splitlines())[before:] == [] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return next(line for line in lines[before:] if line.startswith(f"agent {agent.pid}:"))
+
+
+def _node_of(process: psutil.Process) -> str:
+    """The namespace node whose network a process lives in (as ``ip netns exec`` sees it)."""
+    net = os.stat(f"/proc/{process.pid}/ns/net").st_ino
+    return next((n for n in ("n1", "n2") if os.stat(f"/run/netns/{n}").st_ino == net), "vm")
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +127,8 @@ def hosts(tmp_path_factory):
     found.run.mkdir(mode=0o700)
     found.python.write_text(
         "#!/bin/sh\n"
-        f"export PYTHONPATH='{REPO}:{REPO / 'tests'}' XDG_RUNTIME_DIR='{found.run}'\n"
+        f"export PYTHONPATH='{REPO}:{REPO / 'tests'}' XDG_RUNTIME_DIR='{found.run}' "
+        f"EXECUTORLIB_TEST_SESSION='{os.environ['EXECUTORLIB_TEST_SESSION']}'\n"
         f"exec '{sys.executable}' \"$@\"\n"
     )
     found.python.chmod(0o755)
@@ -120,15 +146,21 @@ def remote(hosts, tmp_path):
     while (left := hosts.agents() or _jobs_under(tmp_path)) and time.monotonic() < deadline:
         time.sleep(0.2)
     if left:
+        where = []
         for process in hosts.agents():
-            with contextlib.suppress(psutil.Error):
+            with contextlib.suppress(psutil.Error, OSError):
+                where.append(f"{process.pid} on {_node_of(process)}: {' '.join(process.cmdline())[-120:]}")
                 process.kill()
-        pytest.fail(f"left behind on the cluster side: {left}")
+        subprocess.run(["scancel", *[line.split()[0] for line in _jobs_under(tmp_path)]], check=False)
+        pytest.fail(f"left behind on the cluster side: {where or left}")
 
 
 def _jobs_under(directory: Path) -> list[str]:
-    out = subprocess.run(["squeue", "-h", "-o", "%i %o"], capture_output=True, text=True, timeout=30).stdout
-    return [line for line in out.splitlines() if str(directory) in line]
+    """The test's jobs in squeue: their command or output file lies under ``directory``
+    (a pilot pool's worker jobs get their script on stdin; their output goes there)."""
+    out = subprocess.run(["squeue", "-h", "-O", "JobID:20,Command:1000,StdOut:1000"],
+                         capture_output=True, text=True, timeout=30).stdout
+    return [" ".join(line.split()) for line in out.splitlines() if str(directory) in line]
 
 
 def _wait_file(path: Path) -> None:
@@ -240,6 +272,74 @@ def test_the_login_node_executor(remote):
 
 async def _await(future):
     return await asyncio.wrap_future(future)
+
+
+@pytest.mark.timeout(480)
+def test_a_pilot_pool_through_ssh(remote, tmp_path):
+    """The agent on n1 runs a pilot pool whose worker jobs run on n2 and connect back to
+    n1's address; a killed connection loses nothing; the pool's jobs and processes end."""
+    flag, started = tmp_path / "go", tmp_path / "started"
+    # Not on n1 itself: the workers must reach the agent's executor over the network.
+    # Our own job name: other sessions' pilot tests clean up jobs named executorlib-pilot.
+    pool = {"partition": "multi", "slurm_cmd_args": ["--exclude=n1", "--job-name=executorlib-ssh-test"]}
+    with SlurmClusterExecutor(**remote.options(block_allocation=True, max_workers=2, resource_dict=pool,
+                                               cache_directory=str(tmp_path / "cache"))) as exe:
+        held = exe.submit(wait_for, str(flag), str(started), 5)
+        chain = exe.submit(add, exe.submit(add, held, 1), 10)  # resolved in the agent
+        try:
+            _wait_file(started)  # a worker job runs on n2 and reached the agent on n1
+            agent = remote.agent()
+            assert _node_of(agent) == "n1"
+            (before,) = _ssh_children()
+            before.kill()
+            later = exe.submit(add, 20, 22)  # submitted while the connection is down
+        finally:
+            flag.touch()
+        assert held.result(timeout=300) == 5 and chain.result(timeout=300) == 16
+        assert later.result(timeout=300) == 42
+        hosts = {exe.submit(where).result(timeout=300)[0] for _ in range(4)}
+        assert [p.pid for p in _ssh_children()] != [before.pid]  # a new connection
+    assert hosts == {"n2"}
+    # the remote fixture checks that no worker job, guardian, agent or bridge is left
+
+
+@pytest.mark.timeout(180)
+def test_the_agent_forgets_outcomes_the_laptop_has(remote):
+    """Results delivered (and acknowledged) are not kept by the agent: a long session does
+    not grow. A later call that depends on such a result still gets it."""
+    with SingleNodeExecutor(**remote.options(block_allocation=True, max_workers=2)) as exe:
+        first = exe.submit(add, 1, 2)
+        many = [exe.submit(add, i, 1) for i in range(50)]
+        assert [f.result(timeout=60) for f in many] == list(range(1, 51))
+        assert first.result(timeout=60) == 3
+        agent = remote.agent()
+        deadline = time.monotonic() + 60
+        while "0 calls kept" not in (state := remote.agent_state(agent)):
+            assert time.monotonic() < deadline, state  # the acks never arrived
+        assert exe.submit(add, first, 1).result(timeout=60) == 4  # first's value comes from here
+
+
+@pytest.mark.timeout(180)
+def test_cancel_of_a_running_login_node_call_says_false(remote, tmp_path):
+    """As concurrent.futures: cancel() of a call that runs returns False and the call
+    finishes; a call still queued behind it is cancelled and never runs."""
+    flag, started, second = tmp_path / "go", tmp_path / "started", tmp_path / "second"
+    # One process per call, one at a time (a pool of one worker would take the second call
+    # ahead, which then counts as running, as in the standard library's process pool).
+    with SingleNodeExecutor(**remote.options(max_workers=1)) as exe:
+        held = exe.submit(wait_for, str(flag), str(started), "held")
+        queued = exe.submit(wait_for, str(flag), str(second), "queued")
+        try:
+            _wait_file(started)
+            assert held.cancel() is False
+            assert held.running() and not held.cancelled()
+            assert queued.cancel() is True
+            assert queued.cancelled()
+        finally:
+            flag.touch()
+        assert held.result(timeout=60) == "held"
+        assert exe.submit(add, 1, 1).result(timeout=60) == 2  # the worker is free again
+    assert not second.exists()  # the queued call never started
 
 
 @pytest.mark.timeout(480)

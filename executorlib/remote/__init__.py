@@ -1,8 +1,9 @@
 """From a laptop: run an executor's calls on a cluster reached by ssh.
 
 ``SlurmClusterExecutor(ssh="alice@login", ssh_gateway="alice@gw", remote_python=...,
-cache_directory=...)`` (or ``SingleNodeExecutor(ssh=...)`` for the login node itself)
-returns a :class:`~executorlib.remote.client.RemoteExecutor`: an ordinary
+cache_directory=...)`` (one job per call; with ``block_allocation=True`` a pilot pool
+whose worker jobs connect back to the agent), or ``SingleNodeExecutor(ssh=...)`` for the
+login node itself, returns a :class:`~executorlib.remote.client.RemoteExecutor`: an ordinary
 ``concurrent.futures.Executor`` whose calls run in an agent on the login node
 (``executorlib.remote.agent``), reached through the system's ``ssh`` and a bridge
 (``executorlib.remote.bridge``). Dependencies resolve on the cluster; the laptop needs
@@ -15,7 +16,8 @@ from typing import Any
 
 from executorlib.remote.ssh import SshTarget
 
-# Backends that make sense from a laptop: the login node itself, or one job per call.
+# Backends that make sense from a laptop: the login node itself, or queue jobs (one per
+# call, or a pilot pool: ``block_allocation=True`` travels to the agent with the options).
 REMOTE_BACKENDS = ("local", "slurm_submission", "flux_submission")
 _CLIENT_OPTIONS = ("ssh_args", "reconnect_timeout", "idle_timeout")
 

@@ -7,7 +7,14 @@ serves each connection (one ssh session, through a bridge) in a thread::
     connection ─ Hello(session) ─> Session (futures by call id, survives the connection)
                ─ Submit(id)      ─> executor.submit(fn, *args with Ref -> own futures)
                <─ Outcome(id)    ─  done callback of the agent's future
+               ─ Ack(ids)        ─> those futures are forgotten (the client has them)
+               ─ Cancel(id)      ─> CancelAnswer(id, future.cancel()): False once it runs
                ─ Resume(pending) ─> Missing(ids it never got); resends finished results
+
+Everything the agent sends goes through one sender thread, so the thread reading a
+connection never blocks on a write (a client may be busy writing a large Submit).
+A session keeps a call's future only until the client acknowledged its outcome;
+what a restarted client needs comes from the ``cache_directory``, not from here.
 
 It exits when no connection is open and nothing is left to deliver: no call still
 running, and every session either said Bye or runs in queue jobs (submission mode:
@@ -50,21 +57,33 @@ class Session:
     def deliver(self, call_id: int, future: Future) -> None:
         """Queue the outcome for the sender thread: a large result is pickled and
         written there, not in the executor's thread that finished the call."""
-        self._outbox.put((self, call_id, future))
+        self._outbox.put((self, lambda: _outcome(call_id, future)))
 
-    def send_now(self, call_id: int, future: Future) -> None:
+    def post(self, record: Any) -> None:
+        """Queue a record without payload (after the outcomes queued before it)."""
+        self._outbox.put((self, lambda: (record, [])))
+
+    def send_now(self, message: Any) -> None:
         channel = self.channel
         if channel is None:
             return  # the client asks again with Resume
         with contextlib.suppress(OSError):
-            channel.send(*_outcome(call_id, future))
+            channel.send(*message())
+
+    def forget(self, ids: tuple[int, ...], lock: threading.Lock) -> None:
+        """Drop the futures of calls whose outcome the client acknowledged."""
+        with lock:
+            for call_id in ids:
+                future = self.futures.get(call_id)
+                if future is not None and future.done():
+                    del self.futures[call_id]
 
 
 def _send_outcomes(outbox: queue.SimpleQueue) -> None:
-    """The agent's sender thread: outcomes in the order the calls finished."""
+    """The agent's sender thread: messages in the order they were queued."""
     while (item := outbox.get()) is not None:
-        session, call_id, future = item
-        session.send_now(call_id, future)
+        session, message = item
+        session.send_now(message)
 
 
 def _outcome(call_id: int, future: Future) -> tuple[wire.Outcome, list]:
@@ -185,8 +204,8 @@ class Agent:
         with self.lock:
             known = hello.session in self.sessions
             session = self.sessions.setdefault(hello.session, Session(hello.session, self.outbox))
+        channel.send(wire.Welcome(known))  # first: the sender thread may write once attached
         session.channel = channel
-        channel.send(wire.Welcome(known))
         return session
 
     def _ensure_executor(self, hello: wire.Hello) -> None:
@@ -204,7 +223,7 @@ class Agent:
 
             self.executor = backend_class(hello.backend)(**hello.options)
             # Queue jobs outlive the agent and write result files; local workers do not.
-            self.durable = hello.backend.endswith("_submission")
+            self.durable = hello.backend.endswith("_submission") and not hello.options.get("block_allocation")
 
     def _loop(self, channel: wire.Channel, session: Session) -> None:
         while (message := channel.receive()) is not None:
@@ -213,10 +232,11 @@ class Agent:
                 self._submit(session, record.id, payload)
             elif isinstance(record, wire.Resume):
                 self._resume(session, record.pending)
+            elif isinstance(record, wire.Ack):
+                session.forget(record.ids, self.lock)
             elif isinstance(record, wire.Cancel):
-                future = session.futures.get(record.id)
-                if future is not None:
-                    future.cancel()
+                future = session.futures.get(record.id)  # None: not here (yet): it will run
+                session.post(wire.CancelAnswer(record.id, future is not None and future.cancel()))
             elif isinstance(record, wire.Bye):
                 self._bye(session, record.cancel_futures)
                 return
@@ -232,7 +252,7 @@ class Agent:
             return session.deliver(call_id, failed)
         refs = [ref for ref in _refs((args, kwargs)) if ref.id not in session.futures]
         if refs:
-            return session.channel.send(wire.Unresolved(call_id)) if session.channel else None
+            return session.post(wire.Unresolved(call_id))
         args, kwargs = _resolve((args, kwargs), session.futures)
         try:
             future = self.executor.submit(fn, *args, resource_dict=resource_dict, **kwargs)
@@ -250,7 +270,7 @@ class Agent:
                 del session.futures[call_id]  # delivered before the connection dropped
             missing = tuple(i for i in pending if i not in session.futures)
             finished = [(i, f) for i, f in session.futures.items() if f.done()]
-        session.channel.send(wire.Missing(missing))
+        session.post(wire.Missing(missing))
         for call_id, future in finished:
             session.deliver(call_id, future)
 
@@ -265,11 +285,13 @@ class Agent:
     def describe(self) -> str:
         """The agent's state, for its log (``kill -USR2``)."""
         with self.lock:
-            sessions = {
-                token[:8]: {i: f._state for i, f in s.futures.items()} | {"attached": s.channel is not None}
+            sessions = [
+                f"session {token[:8]}: {len(s.futures)} calls kept "
+                f"({sum(not f.done() for f in s.futures.values())} not done), "
+                + ("attached" if s.channel is not None else "detached")
                 for token, s in self.sessions.items()
-            }
-            return f"agent {os.getpid()}: {self.connections} connections, sessions {sessions}"
+            ]
+            return f"agent {os.getpid()}: {self.connections} connections; " + "; ".join(sessions)
 
     def close(self) -> None:
         """Stop the executor; with durable results, queued jobs stay for a later client."""

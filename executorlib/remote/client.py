@@ -2,7 +2,10 @@
 
     submit() ─ _Call (future stays here) ─> Submit(id, fn/args pickled by value;
                futures of this executor in the arguments become Ref(id))
-    reader thread <─ Outcome(id) ─ resolves the future
+    reader thread <─ Outcome(id) ─ resolves the future; Ack(ids) (batched, ack thread)
+                  lets the agent forget it
+    future.cancel() ─ Cancel(id) ─> CancelAnswer: True only for a call that had not
+               started there; False once it runs (concurrent.futures' contract)
     ssh ended (killed, laptop asleep, network gone) ─> reconnect with back-off,
                Resume(pending ids) ─> agent answers Missing(ids) ─> those are sent again
 
@@ -19,24 +22,27 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import uuid
 import weakref
 from collections.abc import Callable
-from concurrent.futures import BrokenExecutor, Future
+from concurrent.futures import BrokenExecutor, CancelledError, Future
 from concurrent.futures import Executor as _StdExecutor
 from concurrent.futures import wait as wait_futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import executorlib
 from executorlib import serialize
-from executorlib.dependencies import find_futures, settle, substitute, when_resolved
+from executorlib.dependencies import claim, find_futures, notify_cancelled, settle, substitute, when_resolved
 from executorlib.errors import with_remote_traceback
 from executorlib.processes import describe_exit
 from executorlib.remote import wire
+from executorlib.remote.futures import Acks, RemoteFuture
 from executorlib.remote.ssh import SshTarget, parse_banner
 
 _FIRST_DELAY_S, _MAX_DELAY_S = 0.5, 30.0
+_ANSWER_MARGIN_S = 60.0  # a cancel waits for the agent's answer at most reconnect_timeout + this
 
 
 @dataclass(eq=False)
@@ -46,8 +52,9 @@ class _Call:
     args: tuple
     kwargs: dict
     resource_dict: dict | None
-    future: Future = field(default_factory=Future)
+    future: Future
     ready: bool = False  # its inputs from elsewhere are resolved; the agent may have it
+    withdrawn: bool = False  # cancelled here before it was sent: never send it
 
 
 class RemoteExecutor(_StdExecutor):
@@ -72,11 +79,13 @@ class RemoteExecutor(_StdExecutor):
         self._shutdown = False
         self._broken: ConnectionError | None = None  # set when reconnecting gave up
         self._closing = threading.Event()
+        self._cancels: dict[int, threading.Event] = {}  # asked the agent, no answer yet
         self._process: subprocess.Popen | None = None
         self._channel: wire.Channel | None = None
         self._channel, self._process = self._open()
         self._reader = threading.Thread(target=self._read_loop, name="executorlib-ssh", daemon=True)
         self._reader.start()
+        self._acks = Acks(self._send_acks)
 
     # ---------------------------------------------------------------- the API
     def submit(self, fn: Callable[..., Any], /, *args: Any, resource_dict: dict | None = None,
@@ -90,7 +99,7 @@ class RemoteExecutor(_StdExecutor):
                 raise RuntimeError("cannot schedule new futures after shutdown")
             if self._broken is not None:
                 raise BrokenExecutor(str(self._broken))
-            call = _Call(self._next_id, fn, args, kwargs, resource_dict)
+            call = _Call(self._next_id, fn, args, kwargs, resource_dict, RemoteFuture(self._cancel))
             self._next_id += 1
             self._calls[call.id] = call
             self._ids[call.future] = call.id
@@ -109,8 +118,7 @@ class RemoteExecutor(_StdExecutor):
             first, self._shutdown = not self._shutdown, True
             calls = list(self._calls.values())
         if cancel_futures:
-            for call in calls:
-                call.future.cancel()
+            self._cancel([call.future for call in calls])
         if not first:
             return self._reader.join() if wait else None
         if wait:
@@ -123,6 +131,7 @@ class RemoteExecutor(_StdExecutor):
             futures = [call.future for call in self._calls.values()]
         wait_futures(futures)
         self._closing.set()
+        self._acks.close()
         channel = self._channel
         if channel is not None:
             with contextlib.suppress(OSError):
@@ -134,6 +143,8 @@ class RemoteExecutor(_StdExecutor):
     def _send_call(self, call: _Call, inline: bool = False) -> None:
         """Pickle and send one call; if the link is down, Resume/Missing sends it later."""
         with self._lock:
+            if call.withdrawn:
+                return
             call.ready = True
             channel = self._channel
         if channel is None or call.future.done():
@@ -158,11 +169,54 @@ class RemoteExecutor(_StdExecutor):
     def _on_done(self, future: Future) -> None:
         call_id = self._ids.get(future)
         with self._lock:
-            call = self._calls.pop(call_id, None) if call_id is not None else None
-            channel = self._channel
-        if call is not None and future.cancelled() and channel is not None:
+            self._calls.pop(call_id, None)
+            asked = self._cancels.pop(call_id, None)
+        if asked is not None:
+            asked.set()
+
+    def _send_acks(self, ids: tuple[int, ...]) -> None:
+        channel = self._channel
+        if channel is not None:  # else lost: Resume tells the agent what is still pending
             with contextlib.suppress(OSError, ValueError):
-                channel.send(wire.Cancel(call.id))
+                channel.send(wire.Ack(ids))
+
+    # ---------------------------------------------------------------- cancelling
+    def _cancel(self, futures: list[Future]) -> None:
+        """Cancel here what was never sent; ask the agent about the rest, and wait
+        for its answers (one round trip for all)."""
+        local, asked = [], {}
+        with self._lock:
+            channel = self._channel
+            for future in futures:
+                call = self._calls.get(self._ids.get(future, -1))
+                if call is not None and not call.ready:
+                    call.withdrawn = True
+                    local.append(future)
+                elif call is not None and channel is not None and not self._on_reader():
+                    asked[call.id] = self._cancels.setdefault(call.id, threading.Event())
+        for future in local:
+            _cancel_here(future)
+        with contextlib.suppress(OSError, ValueError):  # a reconnect asks again
+            for call_id in asked:
+                channel.send(wire.Cancel(call_id))
+        deadline = time.monotonic() + self._reconnect_timeout + _ANSWER_MARGIN_S
+        for event in asked.values():  # set by the answer, or when the future ends
+            event.wait(max(0.0, deadline - time.monotonic()))
+
+    def _on_reader(self) -> bool:
+        # The reader delivers the answer: it must not wait for it (a done-callback).
+        return threading.current_thread() is self._reader
+
+    def _answered(self, answer: wire.CancelAnswer) -> None:
+        call = self._calls.get(answer.id)
+        if call is not None and answer.cancelled:
+            _cancel_here(call.future)
+        elif call is not None:
+            claim(call.future)  # it runs (or ran) there: cancel() now says False at once
+        with self._lock:
+            asked = self._cancels.pop(answer.id, None)
+        if asked is not None:
+            asked.set()
 
     # ---------------------------------------------------------------- receiving
     def _read_loop(self) -> None:
@@ -179,6 +233,9 @@ class RemoteExecutor(_StdExecutor):
     def _handle(self, record: Any, payload: list) -> None:
         if isinstance(record, wire.Outcome):
             self._resolve(record, payload)
+            self._acks.add(record.id)
+        elif isinstance(record, wire.CancelAnswer):
+            self._answered(record)
         elif isinstance(record, wire.Missing):
             for call_id in record.ids:
                 call = self._calls.get(call_id)
@@ -194,7 +251,8 @@ class RemoteExecutor(_StdExecutor):
         if call is None:
             return  # delivered already (again after a reconnect), or cancelled here
         if record.cancelled:
-            call.future.cancel()
+            if not _cancel_here(call.future):  # marked running by an earlier answer
+                settle(call.future, exception=CancelledError(f"call {record.id} was cancelled"))
             return
         value = serialize.loads(payload)
         if record.failed:
@@ -254,6 +312,8 @@ class RemoteExecutor(_StdExecutor):
                 self._channel, self._process = channel, process
                 pending = tuple(sorted(i for i, call in self._calls.items() if call.ready))
                 channel.send(wire.Resume(pending))
+                for call_id in self._cancels:  # asked before the drop: ask again
+                    channel.send(wire.Cancel(call_id))
             return True
         self._fail_pending(last)
         return False
@@ -276,6 +336,14 @@ class RemoteExecutor(_StdExecutor):
             process, self._process, self._channel = self._process, None, None
         if process is not None:
             _stop(process)
+
+
+def _cancel_here(future: Future) -> bool:
+    """The plain Future's cancel (not the agent's question), telling wait()/as_completed()."""
+    if not Future.cancel(future):
+        return False
+    notify_cancelled(future)
+    return True
 
 
 def _stop(process: subprocess.Popen) -> None:

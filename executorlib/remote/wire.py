@@ -7,9 +7,9 @@ channel, the agent's Unix socket) a message reads::
 
     u32 frame count | u64 length of each frame | the frames, back to back
 
-Client -> agent: ``Hello`` (first), ``Submit``, ``Resume``, ``Cancel``, ``Bye``.
+Client -> agent: ``Hello`` (first), ``Submit``, ``Ack``, ``Resume``, ``Cancel``, ``Bye``.
 Agent -> client: ``Welcome`` or ``Refused`` (answer to Hello), ``Outcome``, ``Missing``,
-``Unresolved``.
+``Unresolved``, ``CancelAnswer``.
 
 Only the standard library is imported here: the agent's bridge imports this module.
 """
@@ -87,8 +87,25 @@ class Unresolved:
 
 
 @dataclass(frozen=True)
+class Ack:
+    """The client holds the outcomes of these calls: the agent forgets them."""
+
+    ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class Cancel:
+    """Cancel call ``id`` if it has not started; the agent answers with CancelAnswer."""
+
     id: int
+
+
+@dataclass(frozen=True)
+class CancelAnswer:
+    """``cancelled``: call ``id`` will not run; False: it runs (or ran) to its end."""
+
+    id: int
+    cancelled: bool
 
 
 @dataclass(frozen=True)
