@@ -10,6 +10,8 @@ partition ``multi`` (the namespace nodes). Rows, all measured in the same run:
 - cold start: executor created -> first result, beside a bare ``sbatch --wrap true``
   from submission to RUNNING (the floor of any job-based worker);
 - growth: a burst of calls -> 4 workers connected, from an empty pool;
+- workers per job: 4 workers as 4 jobs of one worker beside 1 job of four
+  (``workers_per_job=4``): throughput of no-op calls and growth 0 -> 4 workers;
 - lost calls: 20 worker jobs scancelled while they run calls, ``max_retries=1``:
   calls that did not return their value (must be 0).
 """
@@ -95,8 +97,8 @@ def cold_start_s() -> float:
         return time.perf_counter() - start
 
 
-def growth_s() -> float:
-    with pilot_pool(max_workers=4, idle_timeout=None) as exe:
+def growth_s(workers_per_job: int = 1) -> float:
+    with pilot_pool(max_workers=4, idle_timeout=None, workers_per_job=workers_per_job) as exe:
         start = time.perf_counter()
         futures = [exe.submit(noop, i) for i in range(2000)]
         while sum(row["connected"] for row in exe.worker_jobs()) < 4:
@@ -105,6 +107,25 @@ def growth_s() -> float:
         for future in futures:
             future.result()
         return elapsed
+
+
+def per_job_rows(calls: int, rounds: int = 3) -> list[tuple[str, str]]:
+    """4 workers as 4 jobs of 1 and as 1 job of 4, in alternating rounds; medians."""
+    measured: dict[int, list] = {1: [], 4: []}
+    grown: dict[int, list] = {1: [], 4: []}
+    for _ in range(rounds):
+        for per_job in (1, 4):
+            grown[per_job].append(growth_s(per_job))
+            with pilot_pool(max_workers=4, min_workers=4, workers_per_job=per_job) as exe:
+                measured[per_job].append(throughput(exe, calls))
+    rows = []
+    for per_job, jobs in ((1, "4 jobs x 1 worker"), (4, "1 job x 4 workers")):
+        rate, cpu = (statistics.median(x) for x in zip(*measured[per_job], strict=True))
+        rows.append((f"block throughput, 4 pilot workers as {jobs}, {calls} no-op calls (median of {rounds})",
+                     f"{rate:,.0f} calls/s, {cpu:.0f} us CPU/call"))
+        rows.append((f"pilot pool growth 0 -> 4 connected workers as {jobs} (median of {rounds})",
+                     f"{statistics.median(grown[per_job]):.2f} s"))
+    return rows
 
 
 def lost_calls(cancellations: int) -> tuple[int, int]:
@@ -142,6 +163,7 @@ def main() -> None:
     rows.append(("pilot pool cold start, created -> first result (median of 3)",
                  f"{statistics.median(cold_start_s() for _ in range(3)):.2f} s"))
     rows.append(("pilot pool growth 0 -> 4 connected workers under a burst", f"{growth_s():.2f} s"))
+    rows += per_job_rows(calls)
     lost, made = lost_calls(5 if quick else 20)
     rows.append((f"calls lost across {5 if quick else 20} worker-job scancels, max_retries=1 "
                  f"({made} calls)", str(lost)))

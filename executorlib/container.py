@@ -190,9 +190,15 @@ def _bubblewrap(spec: Container, command: list[str]) -> list[str]:
 def container_environment(spec: Container, env: Mapping[str, str], names: Iterable[str]) -> dict[str, str]:
     """``env`` plus, for apptainer/singularity, ``APPTAINERENV_NAME`` copies of ``names``:
     the runtime sets them inside even under ``--cleanenv``."""
-    prefix = _ENV_PREFIX.get(spec.runtime)
-    extra = {f"{prefix}{name}": env[name] for name in names if name in env} if prefix else {}
+    extra = {copy: env[name] for name in names if name in env for copy in copies_of(spec, name)}
     return {**env, **extra}
+
+
+def copies_of(spec: Container, name: str) -> list[str]:
+    """The extra names under which the runtime wants variable ``name`` (apptainer and
+    singularity: ``APPTAINERENV_NAME``, set inside even under ``--cleanenv``)."""
+    prefix = _ENV_PREFIX.get(spec.runtime)
+    return [f"{prefix}{name}"] if prefix else []
 
 
 def host_python_binds(prefixes: Iterable[str], import_path: Iterable[str]) -> tuple[Bind, ...]:

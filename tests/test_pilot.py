@@ -78,17 +78,26 @@ def attempts_of(directory, name, count):
 
 
 def pilot_jobs(states="PENDING,RUNNING,COMPLETING,CONFIGURING,SUSPENDED"):
-    """{job id: [state, reason]} of the pilot jobs in squeue (``states``: squeue --states)."""
+    """{job id: [state, reason]} of this test session's pilot jobs in squeue (``states``:
+    squeue --states). Other sessions on the shared test cluster submit pilot jobs of the
+    same name: only those whose output goes under this session's pytest folder count."""
     out = subprocess.run(
-        ["squeue", "--noheader", f"--name={JOB_NAME}", f"--states={states}", "--format=%i|%T|%r"],
+        ["squeue", "--noheader", f"--name={JOB_NAME}", f"--states={states}",
+         "--Format=JobID:|,State:|,Reason:|,STDOUT:"],
         capture_output=True, text=True, check=True, timeout=60,
     ).stdout
-    return {line.split("|")[0]: line.split("|")[1:] for line in out.split()}
+    rows = [line.split("|") for line in out.splitlines() if line.count("|") == 3]
+    return {job.strip(): [state.strip(), reason.strip()] for job, state, reason, output in rows
+            if output.startswith(SESSION["temp"])}
+
+
+SESSION = {"temp": ""}  # this session's pytest folder (the slurm fixture sets it)
 
 
 @pytest.fixture(scope="module")
-def slurm():
+def slurm(tmp_path_factory):
     """The test cluster: started (idempotent) if ``sinfo`` does not answer."""
+    SESSION["temp"] = str(tmp_path_factory.getbasetemp())
     if subprocess.run(["sinfo"], capture_output=True).returncode != 0:
         subprocess.run([os.path.join(REPO, "scripts", "slurm-test-cluster"), "start"], check=True)
 

@@ -93,6 +93,7 @@ class ExecutorSocket:
             if peer is None:
                 if peer := self._admit(routing_id.bytes, first, frames):
                     return peer, protocol.HELLO, []
+                _dropped(first.bytes[:8])
                 continue
             kind, frames = _unpack(first, *frames)
             if kind != protocol.HELLO:
@@ -202,6 +203,17 @@ class WorkerConnection:
             return
         _send(self.socket, kind, self.shm.export(list(frames)))
         self.shm.release()
+
+
+def _dropped(kind: bytes) -> None:
+    """Log (debug) a message dropped unread, e.g. a late result of a lost worker; logging
+    is imported here, not on the workers' start-up path."""
+    import logging
+
+    logging.getLogger("executorlib").debug(
+        "executorlib: dropped a message (kind %r) from a connection that is not, or no longer, "
+        "a worker's (e.g. a late result of a worker the executor counts as lost)", kind
+    )
 
 
 def _refusal(monitor: zmq.Socket, address: str) -> str:

@@ -1,8 +1,9 @@
 """``SlurmClusterExecutor(block_allocation=True)``: a pool of long-lived worker jobs.
 
-    SlurmPilotExecutor ── PilotScheduler (pool.py: the manager thread + elastic policy)
+    SlurmPilotExecutor ── PilotScheduler (pool.py: the manager thread + elastic policy,
+                                          retire.py: when jobs end)
         └─ PilotSpawner.start(launch)  ─ sbatch (job.py) ─>  worker job on a node
-             PilotJob: eventfd <── JobWatcher (watcher.py: one squeue for all jobs)
+             PilotJob: N PilotWorkers, an eventfd each <── JobWatcher (watcher.py: one squeue)
              Guardian: cancels our jobs if this process dies (backend/pilot_guardian.py)
         worker  ── connects back to this host's name over the authenticated channel
 """
@@ -25,7 +26,7 @@ from executorlib.submission import SlurmClusterExecutor
 _PILOT_OPTIONS = (
     "max_workers", "cache_directory", "resource_dict", "block_allocation", "init_function",
     "disable_dependencies", "plot_dependency_graph", "plot_dependency_graph_filename",
-    "export_workflow_filename", "log_obj_size",
+    "export_workflow_filename", "log_obj_size", "restart_limit",
 )
 
 
@@ -35,8 +36,16 @@ class SlurmPilotExecutor(SlurmClusterExecutor):
     ``SlurmClusterExecutor(block_allocation=True, ...)``; use it from a login node or a
     notebook when calls are too many or too short for one job each.
 
-    max_workers: at most this many worker jobs at once (``exe.max_workers = n`` changes
-        it while the pool runs). min_workers: keep at least this many.
+    max_workers: at most this many workers at once (``exe.max_workers = n`` changes it
+        while the pool runs). min_workers: keep at least this many.
+    workers_per_job: workers hosted by each worker job (default 1): the job asks Slurm
+        for that many times a worker's resources (``cores``, ``gpus_per_core``,
+        ``memory_max``) and starts that many workers, each with its own connection and
+        key; fewer jobs count against a site's job limits (MaxSubmitJobs). min_workers
+        and max_workers count workers and must be multiples of it; the pool grows and
+        shrinks by whole jobs (a job ends when all its workers are idle, or, after a
+        resize, when its last worker has finished its calls). A job that is lost, or one
+        of whose workers crashes, fails over the calls of all its workers.
     idle_timeout: seconds a worker may sit idle (while no call waits) before its job
         ends; None: never. pending_timeout: seconds a worker job may wait in the queue
         before it is cancelled (squeue's reason is logged); None: no limit.
@@ -46,6 +55,8 @@ class SlurmPilotExecutor(SlurmClusterExecutor):
         has that much time left (plus a 30 s margin), or to a fresh job.
     max_retries: how often a call runs again when its worker job is lost (scancel,
         preemption, time limit, a node lost); never on a Python exception.
+    restart_limit: how many worker jobs lost while running (not ended by the pool) are
+        replaced before the pool gives up and fails its calls; None (default): no limit.
     init_function: runs once per worker; the dict it returns fills keyword arguments.
     resource_dict: each worker job's resources (``cores``, ``threads_per_core``,
         ``gpus_per_core``, ``partition``, ``memory_max``, ``num_nodes``, ``exclusive``,
@@ -66,6 +77,7 @@ class SlurmPilotExecutor(SlurmClusterExecutor):
         pending_timeout: float | None = None,
         worker_time_limit: int | None = None,
         max_retries: int = 0,
+        workers_per_job: int = 1,
         pmi_mode: str | None = None,
         flux_executor_pmi_mode: str | None = None,
         block_allocation: bool = True,
@@ -75,14 +87,15 @@ class SlurmPilotExecutor(SlurmClusterExecutor):
             type(self).__name__, {**options, "max_workers": max_workers, "block_allocation": True},
             accepted=_PILOT_OPTIONS,
         )
-        policy = PoolPolicy(min_workers, max_workers, idle_timeout, pending_timeout, max_retries)
+        policy = PoolPolicy(min_workers, max_workers, idle_timeout, pending_timeout, max_retries,
+                            options.restart_limit, workers_per_job)
         _check_policy(policy, worker_time_limit)
         self._policy, self._time_limit, self._output = policy, worker_time_limit, None
         pmi = pmi_option(pmi_mode, flux_executor_pmi_mode) or "pmix"
 
         def scheduler() -> PilotScheduler:
             self._output = _private_directory(options.cache_directory or "executorlib_cache")
-            spawner = PilotSpawner(PilotSettings(self._output, worker_time_limit, pmi))
+            spawner = PilotSpawner(PilotSettings(self._output, worker_time_limit, pmi, workers_per_job))
             return PilotScheduler(
                 spawner, options.resources, policy, options.init_function, _cache(options.cache_directory)
             )
@@ -93,11 +106,12 @@ class SlurmPilotExecutor(SlurmClusterExecutor):
         policy = self._policy
         return {"queue": "Slurm (pilot pool)", "min_workers": policy.min_workers,
                 "idle_timeout": policy.idle_timeout, "pending_timeout": policy.pending_timeout,
-                "worker_time_limit": self._time_limit, "max_retries": policy.max_retries}
+                "worker_time_limit": self._time_limit, "max_retries": policy.max_retries,
+                "workers_per_job": policy.workers_per_job, "restart_limit": policy.restart_limit}
 
     @property
     def max_workers(self) -> int:
-        """The most worker jobs at once; set it to resize the pool while it runs."""
+        """The most workers at once; set it to resize the pool while it runs."""
         return self._scheduler._max_workers if self._scheduler else self._options.max_workers
 
     @max_workers.setter
@@ -106,6 +120,7 @@ class SlurmPilotExecutor(SlurmClusterExecutor):
             raise ValueError(
                 f"max_workers must be an int >= max(1, min_workers={self._policy.min_workers}), got {value!r}"
             )
+        _check_multiple("max_workers", value, self._policy.workers_per_job)
         if self._scheduler is not None:  # None in graph mode: nothing runs
             self._scheduler.resize(value)
 
@@ -146,6 +161,11 @@ class SlurmPilotExecutor(SlurmClusterExecutor):
 
 
 def _check_policy(policy: PoolPolicy, time_limit: int | None) -> None:
+    per_job = policy.workers_per_job
+    if isinstance(per_job, bool) or not isinstance(per_job, int) or per_job < 1:
+        raise ValueError(f"workers_per_job must be an int >= 1, got {per_job!r}")
+    for name in ("min_workers", "max_workers"):
+        _check_multiple(name, getattr(policy, name), per_job)
     for name in ("min_workers", "max_retries"):
         value = getattr(policy, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -162,6 +182,15 @@ def _check_policy(policy: PoolPolicy, time_limit: int | None) -> None:
         raise ValueError(
             f"worker_time_limit must be an int of seconds > {policy.end_margin:g} (the margin "
             f"before a job's end in which a worker takes no new call), got {time_limit!r}"
+        )
+
+
+def _check_multiple(name: str, value: int, per_job: int) -> None:
+    if value % per_job:
+        raise ValueError(
+            f"{name}={value} is not a multiple of workers_per_job={per_job}: each worker job hosts "
+            f"{per_job} workers, so the pool grows and shrinks by {per_job}; use "
+            f"{value - value % per_job or per_job} or {value - value % per_job + per_job}"
         )
 
 

@@ -2,17 +2,24 @@
 
 ``PilotSpawner.start(launch)`` submits one Slurm job whose script runs one worker
 (``python -c ... interactive_serial ADDRESS ID``, or ``srun --mpi=PMI`` of
-``interactive_parallel`` for ``cores > 1``) and returns a :class:`PilotJob`: to the
+``interactive_parallel`` for ``cores > 1``) and returns a :class:`PilotWorker`: to the
 manager thread it looks like any worker process — one pollable file descriptor (an
-eventfd the shared squeue watcher writes when the job's state changes), how it ended,
-``stop()``. The script goes to ``sbatch`` on stdin, so no job script file exists; the
-executor's launch keys reach the job through the environment ``sbatch`` exports
-(``--export=ALL``), never through argv or the script. Job output goes to a private
-directory (0700) for the tail quoted in error messages.
+eventfd the shared squeue watcher writes when its :class:`PilotJob`'s state changes),
+how it ended, ``stop()``. Inside ``with spawner.one_job():`` the workers started share
+one job (``workers_per_job``): the job asks for N times one worker's tasks, its script
+starts the N workers in the background (MPI workers: N ``srun --exact`` steps) and ends
+when the last has exited, or at once, killing the others, when one fails.
+
+The script goes to ``sbatch`` on stdin, so no job script file exists; each worker's
+launch keys reach the job through the environment ``sbatch`` exports (``--export=ALL``),
+never through argv or the script (N workers: ``EXECUTORLIB_KEYS_<i>``, which the script
+moves into worker i's ``EXECUTORLIB_KEYS`` and unsets, so no worker sees another's key).
+Job output goes to a private directory (0700) for the tail quoted in error messages.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -22,9 +29,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from executorlib.container import copies_of
+from executorlib.interactive.auth import KEYS_ENV
 from executorlib.interactive.spawner import Launch, worker_argv, worker_environment
 from executorlib.pilot.watcher import REFUSED, JobStatus, JobWatcher
 from executorlib.processes import child_environment, python_argv, tail_lines
@@ -42,13 +52,14 @@ class PilotSettings:
     output_directory: str
     time_limit_s: int | None = None  # sbatch --time (rounded up to minutes); None: partition default
     pmi_mode: str | None = "pmix"  # srun --mpi= for MPI workers (cores > 1)
+    workers_per_job: int = 1  # workers started together in one job
 
 
 def sbatch_argv(resources: Resources, settings: PilotSettings, worker_id: int) -> list[str]:
     """The ``sbatch`` command line of one worker job (the script comes on stdin)."""
-    output = output_pattern(settings, worker_id)
+    output, workers = output_pattern(settings, worker_id), settings.workers_per_job
     argv = ["sbatch", "--parsable", f"--job-name={JOB_NAME}", f"--output={output}",
-            f"--ntasks={resources.cores}", f"--cpus-per-task={resources.threads_per_core}"]
+            f"--ntasks={resources.cores * workers}", f"--cpus-per-task={resources.threads_per_core}"]
     if settings.time_limit_s is not None:
         argv.append(f"--time={math.ceil(settings.time_limit_s / 60)}")
     if resources.partition:
@@ -57,10 +68,12 @@ def sbatch_argv(resources: Resources, settings: PilotSettings, worker_id: int) -
         argv.append(f"--gpus-per-task={math.ceil(resources.gpus_per_core)}")
     if resources.num_nodes is not None:
         argv.append(f"--nodes={resources.num_nodes}")
+    elif workers > 1 and resources.cores == 1:
+        argv.append("--nodes=1")  # serial workers run beside the job script, on its node
     if resources.exclusive:
         argv.append("--exclusive")
     if resources.memory_max:
-        argv.append(f"--mem={math.ceil(resources.memory_max * 1024)}M")
+        argv.append(f"--mem={math.ceil(resources.memory_max * 1024 * workers)}M")
     if resources.cwd:
         argv.append(f"--chdir={resources.cwd}")
     return [*argv, *resources.slurm_cmd_args]
@@ -71,22 +84,53 @@ def output_pattern(settings: PilotSettings, worker_id: int) -> str:
     return os.path.join(settings.output_directory, f"worker-{worker_id}-%j.out")
 
 
-def job_script(launch: Launch, settings: PilotSettings) -> str:
-    """The job script: ``exec`` the worker, so the job ends when the worker does (in
-    ``resource_dict["container"]`` where given: ``worker_argv`` wraps it, inside srun)."""
+def worker_command(launch: Launch, settings: PilotSettings, shared: bool = False) -> list[str]:
+    """One worker's command line; ``shared``: one of several MPI workers of the job, so
+    its ``srun`` step takes only its own tasks (``--exact``)."""
     if launch.resources.cores == 1:
-        command = worker_argv("interactive_serial", launch)
-    else:
-        mpi = [f"--mpi={settings.pmi_mode}"] if settings.pmi_mode else []
-        command = ["srun", "--kill-on-bad-exit=1", *mpi, *worker_argv("interactive_parallel", launch)]
-    return f"#!/bin/bash\nexec {shlex.join(command)}\n"
+        return worker_argv("interactive_serial", launch)
+    mpi = [f"--mpi={settings.pmi_mode}"] if settings.pmi_mode else []
+    step = []
+    if shared:  # srun of Slurm 22.05 does not take --cpus-per-task from the job
+        resources = launch.resources
+        step = ["--exact", f"--ntasks={resources.cores}", f"--cpus-per-task={resources.threads_per_core}"]
+        step += [f"--gpus-per-task={math.ceil(resources.gpus_per_core)}"] if resources.gpus_per_core else []
+    return ["srun", "--kill-on-bad-exit=1", *step, *mpi, *worker_argv("interactive_parallel", launch)]
 
 
-def job_environment(launch: Launch) -> dict[str, str]:
-    """The worker's environment, minus the Slurm variables of the job we may run in
-    (slurmd sets the worker job's own); ``SLURM_CONF`` and the user's ``env`` stay."""
-    env = worker_environment(launch)
-    keep = {"SLURM_CONF", *launch.resources.env}
+def job_script(launches: list[Launch], settings: PilotSettings) -> str:
+    """The job script: ``exec`` a lone worker, so the job ends when the worker does;
+    several: each in the background with its own key, the job ending with the last (at
+    once, the others killed, when one fails: its calls and theirs are then failed over)."""
+    if len(launches) == 1:
+        return f"#!/bin/bash\nexec {shlex.join(worker_command(launches[0], settings))}\n"
+    names = [f"{KEYS_ENV}_{i}" for i in range(len(launches))]
+    lines = ["#!/bin/bash", "keys=(" + " ".join(f'"${name}"' for name in names) + ")",
+             "unset " + " ".join(names)]
+    lines += [" ".join(f'{name}="${{keys[{i}]}}"' for name in _key_names(launch))
+              + f" {shlex.join(worker_command(launch, settings, True))} &"
+              for i, launch in enumerate(launches)]
+    lines += ["unset keys", f"for _ in {' '.join(map(str, range(len(launches))))}; do",
+              '  wait -n || { code=$?; kill $(jobs -p) 2>/dev/null; wait; exit "$code"; }', "done"]
+    return "\n".join(lines) + "\n"
+
+
+def _key_names(launch: Launch) -> list[str]:
+    """The variables that carry a worker's key: ours, and a container runtime's copy."""
+    spec = launch.resources.container
+    return [KEYS_ENV, *(copies_of(spec, KEYS_ENV) if spec is not None else [])]
+
+
+def job_environment(launches: list[Launch]) -> dict[str, str]:
+    """The workers' environment, minus the Slurm variables of the job we may run in
+    (slurmd sets the worker job's own); ``SLURM_CONF`` and the user's ``env`` stay.
+    Several workers: worker i's key as ``EXECUTORLIB_KEYS_<i>`` (see job_script)."""
+    env = worker_environment(launches[0])
+    if len(launches) > 1:
+        for name in _key_names(launches[0]):
+            del env[name]
+        env.update((f"{KEYS_ENV}_{i}", launch.keys.to_env()) for i, launch in enumerate(launches))
+    keep = {"SLURM_CONF", *launches[0].resources.env}
     return {k: v for k, v in env.items() if not k.startswith("SLURM_") or k in keep}
 
 
@@ -121,10 +165,11 @@ class Guardian:
 
 
 class PilotJob:
-    """One worker job, as the manager sees it (the ``WorkerProcess`` interface).
+    """One worker job (one ``sbatch``): its id, Slurm's word on it, how to cancel it.
 
     Made before ``sbatch`` has answered (``job_id`` None, state SUBMITTING): the spawner's
-    submit thread fills in the job id, or the refusal, and writes the eventfd.
+    submit thread fills in the job id, or the refusal. Each of its workers has an eventfd
+    (``add_worker``), written by the watcher or the submit thread when there is news.
     """
 
     def __init__(self, output_pattern: str, watcher: JobWatcher, guardian: Guardian,
@@ -132,16 +177,28 @@ class PilotJob:
         self.job_id: str | None = None
         self.output_pattern = output_pattern
         self._watcher, self._guardian = watcher, guardian
-        self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._fds: list[int] = []
         self._lock = threading.Lock()
         self._cancel_asked = False
+        self._released = False
         self.submitted = time.time()
         self._limit = time_limit_s
         self.status = JobStatus(SUBMITTING)
         self.refusal: SubmissionError | None = None
-        self.idle_since = time.monotonic()
-        self.calls_done = 0
         self.cancel_reason: str | None = None  # why we cancelled it, if we did
+        self.connected = False  # one of its workers has connected (the pool sets it)
+        self.reported = False  # the pool has accounted for its end
+
+    def add_worker(self) -> PilotWorker:
+        """One more worker of this job (before it is submitted)."""
+        worker = PilotWorker(self, os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
+        self._fds.append(worker.fd)
+        return worker
+
+    @property
+    def size(self) -> int:
+        """How many workers the job hosts."""
+        return len(self._fds)
 
     # ------------------------------------------------ from the submit thread
     def submitted_as(self, job_id: str) -> None:
@@ -149,33 +206,30 @@ class PilotJob:
         with self._lock:
             self.job_id = job_id
             self._guardian.add(job_id)
-            self._watcher.track(job_id, self._fd)
+            self._watcher.track(job_id, self._fds)
             cancel = self._cancel_asked
         if cancel:
             self._scancel()
 
     def refused(self, error: SubmissionError) -> None:
         self.refusal = error
-        os.eventfd_write(self._fd, 1)
+        for fd in self._fds:
+            os.eventfd_write(fd, 1)
 
-    # -------------------------------------------------- WorkerProcess interface
-    def fds(self) -> list[int]:
-        return [self._fd]
-
-    def on_readable(self, fd: int) -> bool:
+    # ------------------------------------------------------- from the manager
+    def refresh(self) -> bool:
         """Take the news (watcher or submit thread); True once the job has ended."""
-        os.eventfd_read(self._fd)
+        if self.status.final:
+            return True
         if self.refusal is not None:
             self.status = JobStatus(REFUSED, str(self.refusal))
         elif self.job_id is not None:
             self.status = self._watcher.status(self.job_id)
-        if not self.status.final:
-            return False
-        if self.job_id is not None:
+        if self.status.final and self.job_id is not None and not self._released:
+            self._released = True
             self._watcher.forget(self.job_id)
             self._guardian.remove(self.job_id)
-        os.close(self._fd)
-        return True
+        return self.status.final
 
     def how_it_ended(self) -> str:
         """Job id, node, Slurm's state and reason, and the tail of the job's output."""
@@ -191,11 +245,13 @@ class PilotJob:
         return text + ("; last lines of its output:\n    " + "\n    ".join(lines) if lines else "")
 
     def stop(self, reason: str | None = None) -> None:
-        """``scancel`` the job (the watcher then reports its end); before sbatch has
-        answered, the submit thread cancels it as soon as it has an id."""
+        """``scancel`` the job, once (the watcher then reports its end); before sbatch
+        has answered, the submit thread cancels it as soon as it has an id."""
         if self.cancel_reason is None:
             self.cancel_reason = reason or "the executor stopped it"
         with self._lock:
+            if self._cancel_asked:
+                return
             self._cancel_asked = True
             if self.job_id is None:
                 return
@@ -227,6 +283,33 @@ class PilotJob:
         self._watcher.kick()
 
 
+class PilotWorker:
+    """One worker of a :class:`PilotJob`, as the manager sees it (the ``WorkerProcess``
+    interface): it ends when its job does; stopping it cancels the job."""
+
+    def __init__(self, job: PilotJob, fd: int) -> None:
+        self.job, self.fd = job, fd
+        self.idle_since = time.monotonic()
+        self.calls_done = 0
+
+    def fds(self) -> list[int]:
+        return [self.fd]
+
+    def on_readable(self, fd: int) -> bool:
+        """True once the job has ended (this worker's eventfd is then closed)."""
+        os.eventfd_read(self.fd)
+        if not self.job.refresh():
+            return False
+        os.close(self.fd)
+        return True
+
+    def how_it_ended(self) -> str:
+        return self.job.how_it_ended()
+
+    def stop(self, reason: str | None = None) -> None:
+        self.job.stop(reason)
+
+
 class PilotSpawner:
     """Workers as Slurm jobs that connect back to this host (``Spawner`` protocol).
 
@@ -243,15 +326,39 @@ class PilotSpawner:
         self._watcher = JobWatcher.shared()
         self._guardian = Guardian()
         self._submitter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="executorlib-sbatch")
+        self._open: tuple[PilotJob, list[Launch]] | None = None  # the job being gathered
+        self._gathering = False
 
-    def start(self, launch: Launch) -> PilotJob:
-        """The job of ``launch``, submitted in the background (its fd tells the outcome)."""
-        output = output_pattern(self.settings, launch.worker_id)
-        job = PilotJob(output, self._watcher, self._guardian, self.settings.time_limit_s)
-        argv = sbatch_argv(launch.resources, self.settings, launch.worker_id)
-        script, env = job_script(launch, self.settings), job_environment(launch)
+    @contextlib.contextmanager
+    def one_job(self) -> Iterator[None]:
+        """The workers started inside share one job, submitted when the block ends."""
+        self._gathering = True
+        try:
+            yield
+        finally:
+            opened, self._open, self._gathering = self._open, None, False
+            if opened is not None:
+                self._submit_job(*opened)
+
+    def start(self, launch: Launch) -> PilotWorker:
+        """The worker of ``launch``, in a job submitted in the background (its fd tells
+        the outcome): a job of its own, or the one of the enclosing ``one_job()``."""
+        if self._open is None:
+            output = output_pattern(self.settings, launch.worker_id)
+            job = PilotJob(output, self._watcher, self._guardian, self.settings.time_limit_s)
+            self._open = (job, [])
+        job, launches = self._open
+        launches.append(launch)
+        worker = job.add_worker()
+        if not self._gathering:
+            self._open = None
+            self._submit_job(job, launches)
+        return worker
+
+    def _submit_job(self, job: PilotJob, launches: list[Launch]) -> None:
+        argv = sbatch_argv(launches[0].resources, self.settings, launches[0].worker_id)
+        script, env = job_script(launches, self.settings), job_environment(launches)
         self._submitter.submit(self._submit, job, argv, script, env)
-        return job
 
     def _submit(self, job: PilotJob, argv: list[str], script: str, env: dict[str, str]) -> None:
         try:

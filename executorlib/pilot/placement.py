@@ -1,8 +1,9 @@
 """Which ready worker takes a call: the pool's placement rules, as plain functions.
 
 A call without ``run_time_max`` goes to the least busy worker that holds fewer than
-``CALLS_PER_WORKER`` calls (one running, one sent ahead while calls wait) and whose job
-does not end within the margin. A call that declares ``run_time_max`` goes alone, to an
+``CALLS_PER_WORKER`` calls (one running, one sent ahead while calls wait; none ahead
+while a worker of a running job is still connecting: it takes the call in a moment)
+and whose job does not end within the margin. A call that declares ``run_time_max`` goes alone, to an
 idle worker whose job has at least that much time left plus the margin: the one with the
 least time left that is still enough, so workers with long futures stay free for long
 calls. While a long queue waits, calls without ``run_time_max`` travel eight to a message.
@@ -30,17 +31,20 @@ class PoolPolicy:
     idle_timeout: float | None = 60.0
     pending_timeout: float | None = None
     max_retries: int = 0
+    restart_limit: int | None = None  # worker jobs lost while running that are replaced
+    workers_per_job: int = 1
     end_margin: float = 30.0  # a worker whose job ends sooner takes no new call
 
 
-def choose(ready: list[Worker], task: Task, margin: float) -> Worker | None:
-    """The worker that takes ``task`` now, or None if none may."""
+def choose(ready: list[Worker], task: Task, margin: float, room: int = CALLS_PER_WORKER) -> Worker | None:
+    """The worker that takes ``task`` now, or None if none may (``room``: the calls a
+    worker may hold; 1: none sent ahead)."""
     needed = task.resources.run_time_max
     if needed is None:
-        fits = [w for w in ready if len(w.tasks) < CALLS_PER_WORKER and w.process.time_left() > margin]
+        fits = [w for w in ready if len(w.tasks) < room and w.process.job.time_left() > margin]
         return min(fits, key=lambda w: len(w.tasks), default=None)
-    fits = [w for w in ready if not w.tasks and w.process.time_left() >= needed + margin]
-    return min(fits, key=lambda w: w.process.time_left(), default=None)
+    fits = [w for w in ready if not w.tasks and w.process.job.time_left() >= needed + margin]
+    return min(fits, key=lambda w: w.process.job.time_left(), default=None)
 
 
 def batch_after(first: Task, pending: deque[Task], workers: int, resources: Resources) -> list[Task]:

@@ -1,29 +1,36 @@
-"""The elastic pool: which worker job takes which call, when jobs start and end.
+"""The elastic pool: which worker takes which call, when worker jobs start and end.
 
-Every round of the manager thread (after any event: a call, a message, a job's state
-change, the alarm) runs, in this order::
+A worker job hosts ``workers_per_job`` workers (N; default 1); ``min_workers`` and
+``max_workers`` count workers, in steps of N. Every round of the manager thread (after
+any event: a call, a message, a job's state change, the alarm) runs, in this order::
 
     dispatch  pending calls -> ready workers with room (placement.py; a call that declares
               run_time_max: a worker idle now whose job has that much time left + margin)
-    retire    a ready worker whose job ends within the margin: STOP once it is idle;
-              idle for idle_timeout while no call waits: STOP (never below min_workers);
+    retire    (retire.py) a ready worker whose job ends within the margin: STOP once idle;
+              a job whose workers are all idle for idle_timeout while no call waits:
+              STOP them all (never below min_workers); surplus after a resize: idle jobs
+              first, else the least busy jobs drain (no new call; each worker stops
+              when its calls are done);
               a job still PENDING after pending_timeout: scancel, with squeue's reason;
               a pending job nobody needs for idle_timeout: scancel
-    grow      one job per waiting call beyond the jobs still starting, up to max_workers
-              (and at least min_workers)
+    grow      one job per N waiting calls beyond the workers still starting, up to
+              max_workers (and at least min_workers)
     alarm     set to the next deadline of the above
 
 No grow/shrink loop: growth is driven only by calls that wait, shrinking only happens
-while none waits; a pending job counts as capacity that is coming (it keeps the pool from
-submitting more), never as idle. After a pending timeout the pool submits no new job for
-one more pending_timeout, or until one of its jobs ends (the queue is full: another job
-would wait too); calls waiting while the pool has no worker at all fail with the reason.
+while none waits (or max_workers was lowered); a pending job counts as capacity that is
+coming (it keeps the pool from submitting more), never as idle. After a pending timeout
+the pool submits no new job for one more pending_timeout, or until one of its jobs ends
+(the queue is full: another job would wait too); calls waiting while the pool has no
+worker at all fail with the reason. A job ends when its last worker has stopped.
 
 A worker job that ends while it holds calls (scancel, preemption, time limit, a lost
-node) fails over: the call it was running runs again elsewhere up to ``max_retries``
-times, else fails with WorkerDiedError naming the job, node and Slurm's reason; calls
-sent ahead that it never started go back to the queue. The lost worker's connection is
-forgotten, so a late result of the first attempt is dropped unread: no result twice.
+node, one of its workers crashing) fails over the calls of all its workers: each call
+that was running runs again elsewhere up to ``max_retries`` times, else fails with
+WorkerDiedError naming the job, node and Slurm's reason; calls sent ahead that were
+never started go back to the queue. The lost workers' connections are forgotten, so a
+late result of a first attempt is dropped unread: no result twice. ``restart_limit``:
+after that many jobs lost while running, the pool gives up (its calls fail).
 """
 
 from __future__ import annotations
@@ -45,7 +52,8 @@ from executorlib.interactive.scheduler import ResultCache, Scheduler, Worker
 from executorlib.pilot.alarm import Alarm
 from executorlib.pilot.job import PilotJob, PilotSpawner
 from executorlib.pilot.placement import CALLS_PER_WORKER, PoolPolicy, batch_after, choose, claim
-from executorlib.pilot.status import write_status
+from executorlib.pilot.retire import Retirement
+from executorlib.pilot.status import worker_rows, write_status
 from executorlib.resources import Resources
 from executorlib.task import Task
 
@@ -54,7 +62,7 @@ _START_FAILURES_BEFORE_BROKEN = 3  # jobs in a row that ended before their worke
 _STATUS_EVERY_S = 1.0  # status.json (for `executorlib status`) at most this often
 
 
-class PilotScheduler(Scheduler):
+class PilotScheduler(Retirement, Scheduler):
     """Calls on worker jobs that this pool submits, grows, shrinks and replaces."""
 
     def __init__(self, spawner: PilotSpawner, resources: Resources, policy: PoolPolicy,
@@ -64,6 +72,8 @@ class PilotScheduler(Scheduler):
         self._max_workers = policy.max_workers  # resize() changes it from any thread
         self._init_frames = serialize.dumps(init_function, by_value=True) if init_function else None
         self._attempts: dict[Task, int] = {}
+        self._draining: set[PilotJob] = set()  # surplus jobs that take no new call
+        self._lost_jobs = 0
         self._broken: BaseException | None = None
         self._start_failures = 0
         self._blocked: tuple[float, str] | None = None  # (until, why) after a pending timeout
@@ -81,21 +91,8 @@ class PilotScheduler(Scheduler):
         self._wake()
 
     def jobs(self) -> list[dict[str, Any]]:
-        """The pool's worker jobs now (a snapshot; read from the manager's records)."""
-        now = time.monotonic()
-        rows = []
-        for worker in _snapshot(self._workers):
-            job: PilotJob = worker.process
-            busy = bool(worker.tasks)
-            rows.append({
-                "job_id": job.job_id, "worker": worker.worker_id, "node": job.status.node,
-                "state": job.status.state, "reason": job.status.reason,
-                "connected": worker.peer is not None, "ready": worker.ready, "busy": busy,
-                "stopping": worker.stopping, "calls_done": job.calls_done,
-                "idle_for": None if busy or not worker.ready else now - job.idle_since,
-                "time_left": job.time_left() if math.isfinite(job.time_left()) else None,
-            })
-        return rows
+        """The pool's workers now, each with its job (a snapshot from the manager's records)."""
+        return worker_rows(_snapshot(self._workers))
 
     # ------------------------------------------------------------ manager thread
     def _handle(self, source: Any) -> None:
@@ -141,101 +138,31 @@ class PilotScheduler(Scheduler):
 
     # ---------------------------------------------------------------- dispatch
     def _dispatch(self) -> None:
-        ready = [w for w in self._workers.values() if w.ready and not w.stopping]
+        ready = [w for w in self._workers.values() if w.ready and not w.stopping
+                 and w.process.job not in self._draining and not w.process.job.status.final]
+        connecting = any(not w.ready and not w.stopping and w.process.job.status.state == "RUNNING"
+                         for w in self._workers.values())
+        room = 1 if connecting else CALLS_PER_WORKER  # a connecting worker takes it in a moment
         skipped: deque[Task] = deque()
-        while self._pending and any(len(w.tasks) < CALLS_PER_WORKER for w in ready):
+        while self._pending and any(len(w.tasks) < room for w in ready):
             task = self._pending.popleft()
             if task.future.done():
                 continue
-            worker = choose(ready, task, self._policy.end_margin)
+            worker = choose(ready, task, self._policy.end_margin, room)
             if worker is None:
                 skipped.append(task)
             elif claim(task):
                 batch = batch_after(task, self._pending, len(ready), self._resources)
                 self._send_calls(worker, [task, *batch])
+                if worker.stopping:  # its connection was gone: the calls are back in the queue
+                    ready.remove(worker)
         self._pending.extendleft(reversed(skipped))
-
-    # ------------------------------------------------------------------ retire
-    def _retire(self, now: float) -> None:
-        policy = self._policy
-        active = [w for w in self._workers.values() if not w.stopping]
-        surplus = len(active) - max(policy.min_workers, min(self._max_workers, len(active)))
-        for worker in active:
-            job: PilotJob = worker.process
-            if worker.ready:
-                if worker.tasks:
-                    continue
-                if job.time_left() < policy.end_margin:
-                    self._stop(worker, "its job ends within the margin")
-                elif surplus > 0 or self._idle_too_long(job, now, len(active)):
-                    self._stop(worker, "idle")
-                    surplus, active = surplus - 1, [w for w in active if w is not worker]
-            elif worker.peer is None and job.pending:
-                if self._pending_too_long(job):
-                    self._on_pending_timeout(worker, now)
-                    active = [w for w in active if w is not worker]
-                elif surplus > 0 or self._unneeded(job, now, len(active)):
-                    self._stop(worker, "no call needs it any more")
-                    surplus, active = surplus - 1, [w for w in active if w is not worker]
-
-    def _make_room(self) -> None:
-        """A full pool whose jobs all have too little time left for a waiting call that
-        declares run_time_max: stop one idle worker, so that a fresh job can start."""
-        workers = list(self._workers.values())
-        idle = [w for w in workers if w.ready and not w.tasks and not w.stopping]
-        full = len(workers) >= self._max_workers and not any(w.stopping for w in workers)
-        if not (idle and self._pending and full):
-            return  # checked first: a busy pool never scans its queue here
-        longest = max((t.resources.run_time_max or 0 for t in self._pending), default=0)
-        if not longest:
-            return
-        needed = longest + self._policy.end_margin
-        if any(w.process.time_left() >= needed for w in workers):
-            return  # a worker that can take it exists; the call waits for it
-        if idle:
-            self._stop(min(idle, key=lambda w: w.process.time_left()), f"a call needs {longest} s")
-
-    def _idle_too_long(self, job: PilotJob, now: float, active: int) -> bool:
-        timeout = self._policy.idle_timeout
-        return (timeout is not None and not self._pending and active > self._policy.min_workers
-                and now - job.idle_since >= timeout)
-
-    def _unneeded(self, job: PilotJob, now: float, active: int) -> bool:
-        timeout = self._policy.idle_timeout
-        return (timeout is not None and active > self._policy.min_workers
-                and now - self._demand_gone >= timeout)
-
-    def _pending_too_long(self, job: PilotJob) -> bool:
-        timeout = self._policy.pending_timeout
-        return timeout is not None and time.time() - job.submitted >= timeout
-
-    def _on_pending_timeout(self, worker: Worker, now: float) -> None:
-        job: PilotJob = worker.process
-        status = job.status
-        why = (
-            f"Slurm job {job.job_id or '(not yet submitted)'} (worker {worker.worker_id}) was still "
-            f"PENDING after "
-            f"pending_timeout={self._policy.pending_timeout:g} s in partition "
-            f"{status.partition or '(default)'} (squeue's reason: {status.reason or 'none given'})"
-        )
-        self._stop(worker, why)
-        self._blocked = (now + (self._policy.pending_timeout or 0), why)
-        others = [w for w in self._workers.values() if not w.stopping]
-        _log.warning("executorlib: %s; cancelled it; the pool goes on with %d other worker(s)",
-                     why, len(others))
-        if not others:
-            error = WorkerDiedError(
-                f"no worker could start: {why}. Ask for fewer resources per worker (resource_dict), "
-                "another partition, or a longer pending_timeout"
-            )
-            while self._pending:
-                settle(self._pending.popleft().future, exception=error)
 
     def _stop(self, worker: Worker, why: str) -> None:
         """End a worker: STOP if connected (its job then completes), else scancel."""
         worker.stopping = True
         self._changed()
-        job: PilotJob = worker.process
+        job: PilotJob = worker.process.job
         if worker.peer is None:
             job.stop(why)
             return
@@ -248,6 +175,7 @@ class PilotScheduler(Scheduler):
 
     # -------------------------------------------------------------------- grow
     def _grow(self, now: float) -> None:
+        per_job = self._policy.workers_per_job
         workers = list(self._workers.values())
         active = [w for w in workers if not w.stopping]
         starting = sum(1 for w in active if not w.ready)
@@ -257,21 +185,26 @@ class PilotScheduler(Scheduler):
             self._blocked = None
         if self._blocked is None:
             wanted = max(wanted, len(self._pending) - starting)
-        for _ in range(min(wanted, self._max_workers - len(workers))):
+        for _ in range(min(math.ceil(wanted / per_job), (self._max_workers - len(workers)) // per_job)):
             self._changed()
-            if self._spawn(self._resources) is None:
+            if not self._spawn_job(per_job):
                 return
+
+    def _spawn_job(self, size: int) -> bool:
+        """Submit one job of ``size`` workers; False if starting one failed."""
+        with self._spawner.one_job():
+            return all(self._spawn(self._resources) is not None for _ in range(size))
 
     def _next_deadline(self, now: float) -> float | None:
         policy, deadlines = self._policy, []
         for worker in self._workers.values():
-            job: PilotJob = worker.process
+            job: PilotJob = worker.process.job
             if worker.stopping:
                 continue
             if worker.ready and not worker.tasks:
                 deadlines.append(now + job.time_left() - policy.end_margin)
                 if policy.idle_timeout is not None:
-                    deadlines.append(job.idle_since + policy.idle_timeout)
+                    deadlines.append(worker.process.idle_since + policy.idle_timeout)
             elif job.pending:
                 if policy.pending_timeout is not None:
                     deadlines.append(now + job.submitted + policy.pending_timeout - time.time())
@@ -291,6 +224,7 @@ class PilotScheduler(Scheduler):
             self._socket.send(worker.peer, protocol.STOP)
             return
         self._start_failures = 0
+        worker.process.job.connected = True
         if self._init_frames is None:
             self._on_ready(worker)
         else:
@@ -302,11 +236,10 @@ class PilotScheduler(Scheduler):
         worker.process.idle_since = time.monotonic()
 
     def _on_task_done(self, worker: Worker) -> None:
-        job: PilotJob = worker.process
-        job.calls_done += 1
+        worker.process.calls_done += 1
         self._changed()
         if not worker.tasks:
-            job.idle_since = time.monotonic()
+            worker.process.idle_since = time.monotonic()
 
     def _on_message(self, peer: Any, kind: bytes, frames: list) -> None:
         worker = self._workers.get(peer.worker_id)
@@ -342,18 +275,33 @@ class PilotScheduler(Scheduler):
     def _on_worker_gone(self, worker: Worker) -> None:
         self._changed()
         self._blocked = None  # one of our jobs ended: the queue has room again
-        if self._stopping or self._broken is not None:
+        job: PilotJob = worker.process.job
+        self._draining.discard(job)
+        if self._stopping or self._broken is not None or job.reported:
             return
-        if worker.process.refusal is not None:  # sbatch said no: it will say no again
-            self._broken = worker.process.refusal
-            return
-        if worker.peer is None and not worker.stopping:
+        job.reported = True  # the first of its workers to go accounts for the job
+        if job.refusal is not None:  # sbatch said no: it will say no again
+            self._broken = job.refusal
+        elif not job.connected and not worker.stopping:
             self._start_failures += 1
             if self._start_failures >= _START_FAILURES_BEFORE_BROKEN:
                 self._broken = WorkerDiedError(
                     f"{self._start_failures} worker jobs in a row ended before their worker "
-                    f"connected; the last: {worker.process.how_it_ended()}"
+                    f"connected; the last: {job.how_it_ended()}"
                 )
+        elif job.connected and job.cancel_reason is None:
+            self._count_lost(job)
+
+    def _count_lost(self, job: PilotJob) -> None:
+        """A job lost while running (not ended by us): give up after ``restart_limit``."""
+        self._lost_jobs += 1
+        limit = self._policy.restart_limit
+        if limit is not None and self._lost_jobs > limit:
+            self._broken = WorkerDiedError(
+                f"restart_limit={limit} reached: {self._lost_jobs} worker jobs were lost while "
+                f"running, the last: {job.how_it_ended()}; raise restart_limit (None: no limit) "
+                "or find out why the jobs end (sacct -j JOBID)"
+            )
 
     def _on_start_failure(self, error: Exception) -> None:
         self._broken = error
@@ -376,7 +324,7 @@ def _init_error(worker: Worker, frames: list) -> BaseException:
         return with_remote_traceback(failure.exception, failure.traceback)
     except Exception as error:
         reason = RuntimeError(
-            f"init_function failed on {worker.describe()} (Slurm job {worker.process.job_id}), and its "
+            f"init_function failed on {worker.describe()} (Slurm job {worker.process.job.job_id}), and its "
             f"exception could not be unpickled here ({type(error).__name__}: {error}); make it picklable"
         )
         reason.__cause__ = error

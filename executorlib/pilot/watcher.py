@@ -2,7 +2,7 @@
 
     PilotJob ── track(job_id) ──> JobWatcher ── ONE ``squeue --jobs=a,b,c`` ──> JobStatus
                                       │ state, node or end time changed, or the job left
-                                      └──> that job's eventfd (the manager's poll wakes)
+                                      └──> that job's eventfds (the manager's poll wakes)
 
 The queue cannot notify us, so it is the one thing polled: every 0.2 s after a change
 or a ``kick()`` (a job submitted, a worker told to stop), doubling to every 2 s while
@@ -45,11 +45,11 @@ class JobStatus:
 
 
 class _Entry:
-    __slots__ = ("status", "fd", "misses")
+    __slots__ = ("status", "fds", "misses")
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fds: list[int]) -> None:
         self.status = JobStatus()
-        self.fd = fd
+        self.fds = fds
         self.misses = 0
 
 
@@ -72,10 +72,11 @@ class JobWatcher:
                 cls._shared = cls()
             return cls._shared
 
-    def track(self, job_id: str, fd: int) -> None:
-        """Start watching ``job_id``; the eventfd ``fd`` (the caller's) is written on each change."""
+    def track(self, job_id: str, fds: list[int]) -> None:
+        """Start watching ``job_id``; the eventfds ``fds`` (the caller's: one per worker of
+        the job) are written on each change."""
         with self._cond:
-            self._entries[job_id] = _Entry(fd)
+            self._entries[job_id] = _Entry(list(fds))
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="executorlib-squeue", daemon=True)
                 self._thread.start()
@@ -88,7 +89,7 @@ class JobWatcher:
             return entry.status if entry else JobStatus(GONE)
 
     def forget(self, job_id: str) -> None:
-        """Stop watching ``job_id``: its eventfd is not written any more (the caller may close it)."""
+        """Stop watching ``job_id``: its eventfds are not written any more (the caller may close them)."""
         with self._cond:
             self._entries.pop(job_id, None)
 
@@ -129,7 +130,8 @@ class JobWatcher:
                 entry.misses = 0
                 if status != entry.status:
                     entry.status = status
-                    os.eventfd_write(entry.fd, 1)
+                    for fd in entry.fds:
+                        os.eventfd_write(fd, 1)
                     changed = True
         return changed
 
