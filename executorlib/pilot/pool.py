@@ -140,7 +140,11 @@ class PilotScheduler(Retirement, Scheduler):
     def _dispatch(self) -> None:
         ready = [w for w in self._workers.values() if w.ready and not w.stopping
                  and w.process.job not in self._draining and not w.process.job.status.final]
-        connecting = any(not w.ready and not w.stopping and w.process.job.status.state == "RUNNING"
+        # a worker of a running job is about to connect: squeue says RUNNING, or a worker
+        # of the same job already connected (before the watcher's next squeue)
+        started = {id(w.process.job) for w in self._workers.values() if w.ready}
+        connecting = any(not w.ready and not w.stopping and (w.process.job.status.state == "RUNNING"
+                                                             or id(w.process.job) in started)
                          for w in self._workers.values())
         room = 1 if connecting else CALLS_PER_WORKER  # a connecting worker takes it in a moment
         skipped: deque[Task] = deque()
