@@ -29,6 +29,18 @@ def find_futures(value: Any) -> list[Future]:
     return found
 
 
+def futures_in(args: tuple, kwargs: dict) -> list[Future]:
+    """``find_futures((args, kwargs))`` without the containers' round trip: the path of
+    every ``submit``, where arguments are mostly plain numbers and strings."""
+    found: list[Future] = []
+    for value in args:
+        if type(value) not in _SCALARS:
+            _collect(value, found)
+    if kwargs:
+        _collect(kwargs, found)
+    return found
+
+
 _SCALARS = frozenset((int, float, complex, str, bytes, bool, type(None)))
 
 
@@ -111,6 +123,13 @@ def _release(dependent: Future, release: Callable[[], None]) -> None:
         release()
     except BaseException as error:  # a future must never be lost in a callback
         settle(dependent, exception=error)
+
+
+def on_done_of_new(future: Future, callback: Callable[[Future], None]) -> None:
+    """``future.add_done_callback(callback)`` for a future this thread has just created
+    and not yet handed to anyone: nothing can resolve it meanwhile, so its condition
+    need not be taken (a lock round trip on every ``submit``)."""
+    future._done_callbacks.append(callback)
 
 
 def notify_cancelled(future: Future) -> None:

@@ -25,7 +25,7 @@ from dataclasses import replace
 from typing import Any, ClassVar
 
 from executorlib import call_log, futures_api
-from executorlib.dependencies import DependencyGraph, find_futures
+from executorlib.dependencies import DependencyGraph, futures_in, notify_cancelled, on_done_of_new
 from executorlib.options import Options, parse_options, shared_options, warn_ignored
 from executorlib.resources import Resources
 from executorlib.task import Task
@@ -101,7 +101,8 @@ class BaseExecutor(Executor):
         self._shutdown_lock = threading.Lock()
         self._is_shutdown = False
         self._calls = _CallCount()
-        self._count_done = self._calls.done  # one bound method for every future
+        self._on_done = self._calls.done  # one bound method for every future
+        self._default_resources = options.resources
         self._warned: set[str] = set()
         self._graph = DependencyGraph() if options.graph_only else None
         self._workflow = None
@@ -121,13 +122,13 @@ class BaseExecutor(Executor):
         """Schedule ``fn(*args, **kwargs)``; ``resource_dict`` overrides the executor's
         resources for this call. Futures anywhere in the arguments are replaced by
         their results before the call runs."""
-        with self._shutdown_lock:
-            if self._is_shutdown:
-                raise RuntimeError("cannot schedule new futures after shutdown")
+        if self._is_shutdown:  # a bool read is atomic; shutdown() may follow either way
+            raise RuntimeError("cannot schedule new futures after shutdown")
         if not callable(fn):
             raise TypeError(f"submit() needs a callable as first argument, got {fn!r}")
-        task = Task(fn, args, kwargs, self._resources_for(resource_dict))
-        inputs = find_futures((args, kwargs))
+        resources = self._resources_for(resource_dict) if resource_dict else self._default_resources
+        task = Task(fn, args, kwargs, resources, Future())
+        inputs = futures_in(args, kwargs)
         if inputs and self._options.disable_dependencies:
             raise TypeError(
                 f"a Future was passed to {task.name} but disable_dependencies=True; pass "
@@ -141,10 +142,11 @@ class BaseExecutor(Executor):
         return task.future
 
     def _observe(self, task: Task) -> None:
-        """Count the call in ``len(exe)``; error log and size logging where asked for."""
+        """Count the call in ``len(exe)`` (and tell waiters of a cancel: _CallCount.done);
+        error log and size logging where asked for."""
         future = task.future
         self._calls.submitted()
-        future.add_done_callback(self._count_done)
+        on_done_of_new(future, self._on_done)
         if task.resources.error_log_file:
             call_log.log_errors_to(task.resources.error_log_file, task.name, task.args, task.kwargs, future)
         if self._options.log_obj_size:
@@ -259,7 +261,8 @@ class BaseExecutor(Executor):
 class _CallCount:
     """Calls submitted and calls finished, for ``len(exe)``: two numbers instead of a
     set of futures, so a finished call leaves nothing behind (not even a slot in a
-    set's table, which never shrinks)."""
+    set's table, which never shrinks). ``done`` is the one done-callback every future
+    of the executor gets."""
 
     __slots__ = ("_lock", "_submitted", "_finished")
 
@@ -271,9 +274,12 @@ class _CallCount:
         with self._lock:
             self._submitted += 1
 
-    def done(self, _future: Future) -> None:
+    def done(self, future: Future) -> None:
+        """A call ended; if it was cancelled, ``wait()``/``as_completed()`` learn of it
+        now, not only when a scheduler would have started it."""
         with self._lock:
             self._finished += 1
+        notify_cancelled(future)
 
     @property
     def unfinished(self) -> int:

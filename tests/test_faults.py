@@ -208,6 +208,21 @@ def test_wait_returns_for_call_cancelled_while_queued_per_call(tmp_path):
         assert blocker.result(timeout=60) == 1
 
 
+def test_wait_returns_for_call_cancelled_while_queued_in_submission_mode(tmp_path):
+    started, release = tmp_path / "started", tmp_path / "release"
+    with Executor(backend="local_submission", max_workers=1, cache_directory=str(tmp_path / "cache")) as exe:
+        try:
+            blocker = exe.submit(started_then_wait, str(started), str(release), 1)
+            wait_for(started)
+            queued = exe.submit(add, 1, 2)  # waits: max_workers=1 job at a time
+            assert queued.cancel()
+            done, _ = wait([queued], timeout=30)
+            assert queued in done
+        finally:
+            release.touch()
+        assert blocker.result(timeout=60) == 1
+
+
 def test_wait_returns_for_dependents_cancelled_with_their_input():
     with Executor(max_workers=1, block_allocation=True) as exe:
         foreign, other = Future(), Future()

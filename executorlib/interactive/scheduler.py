@@ -40,7 +40,7 @@ from typing import Any
 import zmq
 
 from executorlib import serialize
-from executorlib.dependencies import notify_cancelled, settle, substitute, when_resolved
+from executorlib.dependencies import settle, substitute, when_resolved
 from executorlib.errors import ExecutorShutdownError, WorkerDiedError, with_remote_traceback
 from executorlib.interactive import protocol
 from executorlib.interactive.channel import ExecutorSocket, Peer
@@ -86,9 +86,11 @@ class Scheduler:
 
     def submit(self, task: Task, inputs: list | None = None) -> None:
         """Queue ``task``; with ``inputs`` (futures), only once they all succeeded."""
-        task.future.add_done_callback(notify_cancelled)  # wait() learns of cancels at once
         if not inputs:
-            self._post_unless_cached(task)
+            if self._cache is None:  # the common case, one call less
+                self._post(task)
+            else:
+                self._post_unless_cached(task)
             return
         with self._lock:
             self._waiting.add(task.future)
@@ -137,7 +139,8 @@ class Scheduler:
                     ))
                 return
             self._inbox.items.append(item)
-            self._signal()
+            if not self._inbox.signalled:  # else the manager has yet to take the inbox
+                self._signal()
 
     def _wake(self) -> None:
         with self._lock:
