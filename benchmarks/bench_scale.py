@@ -1,8 +1,9 @@
 """Many calls at once beside the standard library's ProcessPoolExecutor, same run.
 
-    python benchmarks/bench_scale.py [--quick]
+    python benchmarks/bench_scale.py [--quick] [--submit-only]
 
-Rows (``--quick``: 10,000 calls instead of 100,000):
+Rows (``--quick``: 10,000 calls instead of 100,000; ``--submit-only``: the submit rows
+alone, e.g. to compare two versions of the code in alternating runs via PYTHONPATH):
 
 - submitting 100,000 independent calls while the workers are held busy (so every
   call is pending): time per ``submit`` in the caller's thread, and memory per pending
@@ -177,6 +178,10 @@ def main() -> None:
     rows.append(("  memory per pending call, RSS growth (bytes)",
                  f"{rss_bytes:,.0f}", f"{pool_rss:,.0f}", ""))
     rows.append(("  left after all finished, tracemalloc (MB)", mb(left), mb(pool_left), "0"))
+    if "--submit-only" in sys.argv:
+        print(f"load average: {os.getloadavg()[0]:.2f}")
+        print_table(rows)
+        return
 
     def two():
         return Executor(max_workers=2, block_allocation=True)
