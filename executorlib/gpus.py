@@ -85,8 +85,9 @@ class GpuPool:
 class GpuProcess(WorkerProcess):
     """A local worker that returns its GPUs to the pool when it ends."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], cwd: str | None, on_end) -> None:
-        super().__init__(argv, env, cwd)
+    def __init__(self, argv: list[str], env: dict[str, str], cwd: str | None, on_end,
+                 channel_fd: int | None = None) -> None:
+        super().__init__(argv, env, cwd, channel_fd=channel_fd)
         self._on_end = on_end
 
     def on_readable(self, fd: int) -> bool:
@@ -118,7 +119,7 @@ class GpuLocalSpawner(LocalSpawner):
             os.makedirs(launch.resources.cwd, exist_ok=True)
         try:
             return GpuProcess(self.command(launch), worker_environment(launch), launch.resources.cwd,
-                              lambda: self._pool.give_back(gpus))
+                              lambda: self._pool.give_back(gpus), launch.channel_fd)
         except BaseException:
             self._pool.give_back(gpus)
             raise

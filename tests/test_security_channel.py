@@ -127,6 +127,12 @@ def _port(exe) -> int:
     return int(exe._scheduler._socket.address.rsplit(":", 1)[1])
 
 
+# Workers that use the ROUTER: MPI ranks under mpiexec (a local serial worker talks over a
+# socket pair and opens no port: tests/test_pipe_channel.py). Each call returns a list,
+# one value per rank.
+ROUTED = {"max_cores": 2, "resource_dict": {"cores": 2}}
+
+
 class _Evil:
     def __init__(self, path):
         self.path = path
@@ -180,14 +186,14 @@ def _curve_stranger(address: str, keys: auth.LaunchKeys) -> tuple[zmq.Context, z
 def test_a_launch_key_admits_one_connection_only(whose):
     """A replayed or second HELLO, and any key not issued for a pending launch, is
     refused in the handshake; no call's arguments ever reach that connection."""
-    with Executor(block_allocation=True, max_workers=1) as exe:
-        worker = exe.submit(pid).result(timeout=60)
+    with Executor(block_allocation=True, max_workers=1, **ROUTED) as exe:
+        worker = exe.submit(pid).result(timeout=120)[0]  # rank 0
         keys = _stolen_keys(worker)
         if whose == "a stranger's own":
             keys = auth.LaunchKeys(keys.server_public, zmq.curve_keypair()[1])
         context, dealer, event = _curve_stranger(exe._scheduler._socket.address, keys)
         assert event == zmq.EVENT_HANDSHAKE_FAILED_AUTH
-        assert [exe.submit(add, i, 1).result(timeout=60) for i in range(5)] == [1, 2, 3, 4, 5]
+        assert [exe.submit(add, i, 1).result(timeout=60) for i in range(3)] == [[1, 1], [2, 2], [3, 3]]
         assert not dealer.poll(0)
         context.destroy(0)
 
@@ -195,11 +201,11 @@ def test_a_launch_key_admits_one_connection_only(whose):
 def test_a_stranger_speaking_plain_zmtp_is_dropped_and_nothing_is_unpickled(other_user, tmp_path):
     marker = tmp_path / "pwned"
     evil = pickle.dumps(_Evil(str(marker))).hex()
-    with Executor(block_allocation=True, max_workers=1) as exe:
-        assert exe.submit(add, 1, 1).result(timeout=60) == 2
+    with Executor(block_allocation=True, max_workers=1, **ROUTED) as exe:
+        assert exe.submit(add, 1, 1).result(timeout=120) == [2, 2]
         done = other_user.run([STRANGER_PYTHON, "-c", NULL_STRANGER, str(_port(exe)), evil])
         assert done.returncode == 0, done.stderr
-        assert exe.submit(add, 2, 2).result(timeout=60) == 4
+        assert exe.submit(add, 2, 2).result(timeout=60) == [4, 4]
     assert done.stdout.split() == ["server-mechanism", "CURVE", "handshake", "closed"]
     assert not marker.exists()
 
@@ -273,8 +279,8 @@ def test_sniffed_loopback_traffic_holds_no_argument(encrypted, monkeypatch):
     stop, packets = threading.Event(), []
     sniffer = _sniff(stop, packets)
     try:
-        with Executor(block_allocation=True, max_workers=1) as exe:
-            assert exe.submit(marker_echo, secret).result(timeout=60) == secret
+        with Executor(block_allocation=True, max_workers=1, **ROUTED) as exe:
+            assert exe.submit(marker_echo, secret).result(timeout=120) == [secret, secret]
             port = _port(exe)
     finally:
         stop.set()
@@ -336,29 +342,29 @@ def test_idle_connections_of_a_stranger_are_dropped_and_the_executor_serves_on(o
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))
     try:
-        with Executor(max_cores=1) as exe:  # one fresh worker (new descriptors) per call
-            assert exe.submit(add, 0, 1).result(timeout=60) == 1
+        with Executor(**ROUTED) as exe:  # one fresh mpiexec (new descriptors) per call
+            assert exe.submit(add, 0, 1).result(timeout=120) == [1, 1]
             fds = psutil.Process().num_fds()
             stranger = _popen_as(other_user, IDLE_STRANGER, str(_port(exe)), "1500")
             assert stranger.stdout.readline().split() == ["open", "1500"], stranger.stderr.read()
-            assert [exe.submit(add, i, 1).result(timeout=60) for i in range(3)] == [1, 2, 3]
+            assert [exe.submit(add, i, 1).result(timeout=120) for i in range(3)] == [[1, 1], [2, 2], [3, 3]]
             out, err = stranger.communicate("go\n", timeout=90)
             assert out.split() == ["closed-by-executor", "1500"], err
             assert psutil.Process().num_fds() <= fds + 20
-            assert exe.submit(add, 5, 1).result(timeout=60) == 6
+            assert exe.submit(add, 5, 1).result(timeout=120) == [6, 6]
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_a_strangers_huge_frame_is_refused_before_it_is_buffered(other_user):
-    with Executor(block_allocation=True, max_workers=1) as exe:
-        assert exe.submit(add, 1, 1).result(timeout=60) == 2
+    with Executor(block_allocation=True, max_workers=1, **ROUTED) as exe:
+        assert exe.submit(add, 1, 1).result(timeout=120) == [2, 2]
         before = psutil.Process().memory_info().rss
         stranger = _popen_as(other_user, BIG_FRAME_STRANGER, str(_port(exe)))
         try:
             report = stranger.stdout.readline().split()
             grown = psutil.Process().memory_info().rss - before  # the stranger holds on
-            assert exe.submit(add, 2, 2).result(timeout=60) == 4
+            assert exe.submit(add, 2, 2).result(timeout=60) == [4, 4]
         finally:
             stranger.communicate("done\n", timeout=60)
     assert report[:2] == ["mechanism", "CURVE"] and report[-2:] == ["closed", "True"], report

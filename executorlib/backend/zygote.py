@@ -94,14 +94,17 @@ class Zygote:
         """In the child: take the request, drop everything of the zygote, set up the
         process as ``subprocess.Popen`` would (new session, stdin from /dev/null, the
         executor's stdout, a stderr pipe to the executor)."""
-        data, ancillary, _, _ = self.control.recvmsg(_REQUEST_BYTES, socket.CMSG_SPACE(8))
+        data, ancillary, _, _ = self.control.recvmsg(_REQUEST_BYTES, socket.CMSG_SPACE(12))
         os.setsid()  # before the executor learns our pid: it stops us with killpg
         os.close(consumed)
         self.control.close()
         for pidfd in [self.caller, *self.children]:
             os.close(pidfd)
-        stderr, stdout = array.array("i", ancillary[0][2][:8])
+        stderr, stdout, *channel = array.array("i", ancillary[0][2][:12])
         request = json.loads(data)
+        argv = request["argv"]  # python -c CODE ADDRESS ...: fd:N names the executor's N
+        if channel and argv[3].startswith("fd:"):
+            argv[3] = f"fd:{channel[0]}"
         for fd, target in ((stderr, 2), (stdout, 1)):
             os.dup2(fd, target)
             os.close(fd)
@@ -112,8 +115,8 @@ class Zygote:
             os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
-        sys.argv = ["-c", *request["argv"][3:]]  # argv: python -c CODE ARGS...
-        return request["argv"][2]
+        sys.argv = ["-c", *argv[3:]]
+        return argv[2]
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ ends, the executor sweeps its prefix; a worker whose executor vanished sweeps it
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import threading
 from array import array
@@ -32,8 +33,9 @@ from collections.abc import Callable
 import zmq
 
 from executorlib import serialize
-from executorlib.interactive import protocol
+from executorlib.interactive import pipe, protocol
 from executorlib.interactive.auth import CHUNK_BYTES, Gatekeeper, LaunchKeys, raise_fd_limit
+from executorlib.interactive.pipe import PipePeer
 from executorlib.interactive.shm import SharedMemory, fingerprint, owner_prefix, sweep_stale, valid_prefix
 
 CHUNKED = b"+"  # second byte of a kind frame: the frames that follow are chunked
@@ -59,30 +61,89 @@ class Peer:
 
 
 class ExecutorSocket:
-    """The executor's end: bind, issue launch keys, admit HELLOs, send and receive."""
+    """The executor's end: issue launch keys, admit HELLOs, send and receive; the
+    ROUTER is bound on first need (:attr:`address`), and local serial workers talk over
+    socket pairs instead (pipe.py), so an executor of only those opens no port at all.
+    Every descriptor is (un)registered in the manager's ``poller`` here."""
 
-    def __init__(self, host: str) -> None:
+    def __init__(self, host: str, poller: zmq.Poller) -> None:
         raise_fd_limit()
-        self._context = zmq.Context()
-        self.gate = Gatekeeper(self._context)
-        self.socket = self._context.socket(zmq.ROUTER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.gate.configure(self.socket)
-        port = self.socket.bind_to_random_port(f"tcp://{_bind_address(host)}")
-        self.address = f"tcp://{host}:{port}"
+        self._host, self._poller = host, poller
+        self._context: zmq.Context | None = None
+        self.gate: Gatekeeper | None = None
+        self.socket: zmq.Socket | None = None
+        self._address: str | None = None
         self.peers: dict[bytes, Peer] = {}
+        self.pipes: dict[int, PipePeer] = {}  # fd -> worker on a socket pair
         self._fingerprint = fingerprint()
         self._shm_prefix = f"{owner_prefix()}{os.urandom(6).hex()}-"
         if self._fingerprint:
             sweep_stale()
 
+    @property
+    def address(self) -> str:
+        """``tcp://HOST:PORT`` of the ROUTER, bound (on one interface) on first use."""
+        if self._address is None:
+            self._context = zmq.Context()
+            self.gate = Gatekeeper(self._context)
+            router = self._context.socket(zmq.ROUTER)
+            router.setsockopt(zmq.LINGER, 0)
+            router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            self.gate.configure(router)
+            port = router.bind_to_random_port(f"tcp://{_bind_address(self._host)}")
+            self.socket, self._address = router, f"tcp://{self._host}:{port}"
+            self._poller.register(router, zmq.POLLIN)
+        return self._address
+
+    def open_pipe(self, worker_id: int) -> tuple[PipePeer, socket.socket]:
+        """A socket pair for the local worker about to be launched as ``worker_id``:
+        (our peer, polled from now on; the end the worker inherits, to close once started)."""
+        ours, theirs = pipe.pair()
+        peer = PipePeer(worker_id, ours)
+        self.pipes[peer.fileno()] = peer
+        self._poller.register(peer.fileno(), zmq.POLLIN)
+        return peer, theirs
+
+    def read_pipe(self, peer: PipePeer) -> tuple[list[tuple[PipePeer, bytes, list]], bool]:
+        """(messages from a socket-pair worker, whether its end closed); its HELLO is
+        answered with WELCOME and returned with no frames, anything before it closes."""
+        messages, closed = peer.read()
+        out = []
+        for kind, frames in messages:
+            if not peer.hello:
+                try:
+                    welcome = kind == protocol.HELLO and len(frames) == 4 and self._welcome(peer, frames)
+                except OSError:  # it hung up right after its HELLO
+                    welcome = False
+                if not welcome:
+                    return out, True
+                out.append((peer, protocol.HELLO, []))
+            elif kind != protocol.HELLO:
+                out.append((peer, kind, peer.shm.attach(frames) if peer.shm and frames else frames))
+        return out, closed
+
+    def _welcome(self, peer: PipePeer, frames: list) -> bool:
+        worker_id, host, pid, shm_fingerprint = frames
+        if worker_id != str(peer.worker_id).encode() or not pid.isdigit():
+            return False
+        peer.hello, peer.host, peer.pid = True, host.decode(errors="replace"), int(pid)
+        if shm_fingerprint and shm_fingerprint == self._fingerprint:
+            peer.shm = SharedMemory(f"{self._shm_prefix}{peer.worker_id}-")
+        self.send(peer, protocol.WELCOME, [peer.shm.prefix.encode() if peer.shm else b""])
+        return True
+
+    def on_writable(self, peer: PipePeer) -> None:
+        """The socket of ``peer`` takes more: send what waits (``OSError``: it is gone)."""
+        if not peer.flush():
+            self._poller.register(peer.fileno(), zmq.POLLIN)
+
     def launch_keys(self, worker_id: int) -> LaunchKeys:
         """Keys for the worker about to be launched as ``worker_id`` (one connection)."""
+        self.address  # noqa: B018  (binds the ROUTER and starts the gatekeeper)
         return self.gate.issue(worker_id)
 
     def receive(self) -> tuple[Peer, bytes, list] | None:
-        """One message without blocking: (peer, kind, frames), or None when none waits.
+        """One message of the ROUTER without blocking: (peer, kind, frames), or None.
 
         A worker's first HELLO is answered here and returned with kind HELLO; anything
         else from a connection that has not said HELLO, and any later HELLO, is dropped.
@@ -117,25 +178,42 @@ class ExecutorSocket:
         self.send(peer, protocol.WELCOME, [peer.shm.prefix.encode() if peer.shm else b""])
         return peer
 
-    def send(self, peer: Peer, kind: bytes, frames: list = ()) -> None:
-        """Send one message; large frames go without a copy (or through /dev/shm)."""
+    def send(self, peer: Peer | PipePeer, kind: bytes, frames: list = ()) -> None:
+        """Send one message; large frames go without a copy (or through /dev/shm).
+        ``zmq.ZMQError`` or ``OSError`` if the worker's connection is gone."""
         if peer.shm is not None and frames:
             frames = peer.shm.export(frames)
-        _send(self.socket, kind, frames, peer.routing_id)
+        if peer.routing_id is not None:
+            _send(self.socket, kind, frames, peer.routing_id)
+        elif peer.write(kind, frames):  # the rest waits for POLLOUT
+            self._poller.register(peer.fileno(), zmq.POLLIN | zmq.POLLOUT)
 
     def forget(self, worker_id: int, peer: Peer | None) -> None:
         """A worker's process has ended: its key admits nothing any more, messages from
         it are dropped, and the shared-memory files it or we left unread are removed."""
-        self.gate.revoke(worker_id)
+        if self.gate is not None:
+            self.gate.revoke(worker_id)
+        for pipe_peer in [p for p in self.pipes.values() if p.worker_id == worker_id]:
+            self.close_pipe(pipe_peer)
         if peer is None:
             return
-        self.peers.pop(peer.routing_id, None)
+        if peer.routing_id is not None:
+            self.peers.pop(peer.routing_id, None)
         if peer.shm is not None:
             peer.shm.sweep()
 
+    def close_pipe(self, peer: PipePeer) -> None:
+        """Stop polling ``peer``'s socket and close it (its worker's end then reads EOF)."""
+        if self.pipes.pop(peer.fileno(), None) is not None:
+            self._poller.unregister(peer.fileno())
+            peer.close()
+
     def close(self) -> None:
-        self.socket.close(linger=0)
-        self._context.term()  # also ends the ZAP handler
+        for peer in list(self.pipes.values()):
+            self.close_pipe(peer)
+        if self.socket is not None:
+            self.socket.close(linger=0)
+            self._context.term()  # also ends the ZAP handler
         SharedMemory(self._shm_prefix).sweep()  # workers that never said goodbye
 
 
@@ -162,6 +240,10 @@ class WorkerConnection:
         self.shm: SharedMemory | None = None
         self._handshake(worker_id, timeout_s)
 
+    def close(self) -> None:
+        """Hang up."""
+        self.socket.close(linger=0)
+
     def _handshake(self, worker_id: int, timeout_s: float) -> None:
         fields = [str(worker_id).encode(), os.uname().nodename.encode(), str(os.getpid()).encode()]
         self.socket.send_multipart([protocol.HELLO, *fields, fingerprint()])
@@ -178,6 +260,10 @@ class WorkerConnection:
         prefix = bytes(serialize.buffer_of(frames[0])).decode(errors="replace")
         if prefix and valid_prefix(prefix):
             self.shm = SharedMemory(prefix)
+
+    def poll(self, timeout_ms: int) -> bool:
+        """Whether a message is waiting, within ``timeout_ms``."""
+        return bool(self.socket.poll(timeout_ms))
 
     def watch_executor(self, on_lost: Callable[[], None]) -> None:
         """Call ``on_lost`` from a daemon thread when the executor's connection drops."""
@@ -282,8 +368,6 @@ def join_chunks(frames: list) -> list:
 
 def _bind_address(host: str) -> str:
     """The interface to bind for ``host``: a literal address, or what the name resolves to."""
-    import socket  # the executor's side only: workers start without it
-
     try:
         return socket.gethostbyname(host)
     except OSError as error:

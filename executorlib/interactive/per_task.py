@@ -3,7 +3,8 @@
 Calls start in submission order while ``sum(cores * threads_per_core) <= max_cores``;
 the rest wait in the queue (the manager thread sleeps in its poll; nothing spins). While
 cores are free and nothing waits, spare workers with the executor's default resources
-are started ahead (up to two), so the next call finds a process that has already booted;
+are started ahead (up to two, one at a time: a second spare's start would delay the
+first's answer, on the manager thread), so the next call finds a process that has already booted;
 a spare still serves exactly one call, and spares give their cores back at once when a
 call needs them. Only spawners that declare ``spares = True`` get them (local processes):
 inside an allocation an idle spare step would hold CPUs that a nested executor needs.
@@ -74,6 +75,7 @@ class PerTaskScheduler(Scheduler):
         while (
             self._keep_spares and len(self._spares) < _SPARES and not self._stopping
             and self._used + self._default.slots <= self._max_cores
+            and all(spare.peer is not None for spare in self._spares)  # one boots at a time
         ):
             self._used += self._default.slots
             spare = self._spawn(self._default)
@@ -82,6 +84,15 @@ class PerTaskScheduler(Scheduler):
                 self._keep_spares = False  # the launcher fails; real calls will report why
                 return
             self._spares.append(spare)
+
+    def _stop_idle_workers(self) -> None:
+        """Spares have run nothing of the user's: they end at once (SIGKILL), with
+        no interpreter shutdown to wait for; the others finish as usual."""
+        for spare in self._spares:
+            if not spare.stopping:
+                spare.stopping = True
+                spare.process.stop()
+        super()._stop_idle_workers()
 
     def _dispatch(self, worker: Worker) -> None:
         if not self._send_call(worker, worker.tasks.popleft()):

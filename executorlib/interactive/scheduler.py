@@ -46,6 +46,7 @@ from executorlib.interactive import protocol
 from executorlib.interactive.channel import ExecutorSocket, Peer
 from executorlib.interactive.encoding import CallEncoder, unpicklable_call
 from executorlib.interactive.parts import Inbox, ResultCache, Spawner, Worker
+from executorlib.interactive.pipe import ADDRESS_PREFIX, PipePeer
 from executorlib.interactive.spawner import Launch
 from executorlib.resources import Resources
 from executorlib.task import Task
@@ -63,7 +64,8 @@ class Scheduler:
         self._spawner = spawner
         self._cache = cache
         self._encoder = CallEncoder()
-        self._socket = ExecutorSocket(host or spawner.bind_host)
+        self._poller = zmq.Poller()
+        self._socket = ExecutorSocket(host or spawner.bind_host, self._poller)
         self._inbox = Inbox()
         self._pending: deque[Task] = deque()
         self._workers: dict[int, Worker] = {}
@@ -74,8 +76,6 @@ class Scheduler:
         self._stopping = False
         self._closed = False
         self._timer: float | None = None  # time.monotonic() at which to call _on_timer
-        self._poller = zmq.Poller()
-        self._poller.register(self._socket.socket, zmq.POLLIN)
         self._poller.register(self._inbox.fd, zmq.POLLIN)
         self._thread = threading.Thread(target=self._run, name="executorlib-manager", daemon=True)
         _LIVE.add(self)
@@ -171,8 +171,8 @@ class Scheduler:
                 events = self._poller.poll(_EXIT_GRACE_MS if ending else self._timer_ms())
                 if not events and ending:
                     self._kill_all()  # workers that did not exit within the grace period
-                for source, _ in events:
-                    self._handle(source)
+                for source, mask in events:
+                    self._handle(source, mask)
                 if self._timer is not None and time.monotonic() >= self._timer:
                     self._timer = None
                     self._on_timer()
@@ -187,7 +187,7 @@ class Scheduler:
             return None
         return max(0, int((self._timer - time.monotonic()) * 1000) + 1)
 
-    def _handle(self, source: Any) -> None:
+    def _handle(self, source: Any, mask: int) -> None:
         if source is self._socket.socket:
             while message := self._receive():
                 self._on_message(*message)
@@ -195,8 +195,30 @@ class Scheduler:
             os.eventfd_read(self._inbox.fd)
             with self._lock:
                 self._inbox.signalled = False  # the loop takes the inbox next
+        elif (peer := self._socket.pipes.get(source)) is not None:
+            self._on_pipe(peer, mask)
         elif (worker := self._fd_owner.get(source)) and worker.process.on_readable(source):
             self._on_exit(worker)
+
+    def _on_pipe(self, peer: PipePeer, mask: int) -> None:
+        """Activity on a local worker's socket pair: room to send, messages, its close
+        (a worker that closed its end is stopped: its process end follows)."""
+        closed = False
+        if mask & zmq.POLLOUT:
+            try:
+                self._socket.on_writable(peer)
+            except OSError:
+                closed = True
+        if mask & ~zmq.POLLOUT or closed:
+            messages, gone = self._socket.read_pipe(peer)
+            for message in messages:
+                self._on_message(*message)
+            closed = closed or gone
+        if closed:
+            self._socket.close_pipe(peer)
+            worker = self._workers.get(peer.worker_id)
+            if worker is not None and not worker.stopping:
+                self._lose(worker)
 
     def run_in_manager(self, action: Callable[[], None]) -> None:
         """Have the manager thread run ``action`` (e.g. a pool's resize) between events."""
@@ -237,14 +259,24 @@ class Scheduler:
         ``task`` (if given) with the launcher's error."""
         if worker_id is None:
             worker_id, self._next_worker_id = self._next_worker_id, self._next_worker_id + 1
-        launch = Launch(self._socket.address, worker_id, resources, self._socket.launch_keys(worker_id))
+        private = getattr(self._spawner, "private_channel", None)
+        theirs = None
+        if private is not None and private(resources):  # a socket pair: pipe.py
+            peer, theirs = self._socket.open_pipe(worker_id)
+            launch = Launch(f"{ADDRESS_PREFIX}{theirs.fileno()}", worker_id, resources, None, theirs.fileno())
+        else:
+            launch = Launch(self._socket.address, worker_id, resources, self._socket.launch_keys(worker_id))
         try:
             process = self._spawner.start(launch)
         except Exception as error:
+            self._socket.forget(worker_id, None)
             if task is not None:
                 settle(task.future, exception=error)
             self._on_start_failure(error, worker_id)
             return None
+        finally:
+            if theirs is not None:
+                theirs.close()  # the worker holds it now
         worker = Worker(worker_id, resources, process)
         if task is not None:
             worker.tasks.append(task)
@@ -295,7 +327,7 @@ class Scheduler:
         try:
             self._socket.send(worker.peer, kind, frames)
             return True
-        except zmq.ZMQError:
+        except (zmq.ZMQError, OSError):
             self._lose(worker)
             return False
 

@@ -54,10 +54,11 @@ _DIE_WITH_PARENT_EXEC = (
 class Launch:
     """Everything needed to start one worker."""
 
-    address: str
+    address: str  # tcp://HOST:PORT, or fd:N (the socket pair's end it inherits: pipe.py)
     worker_id: int
     resources: Resources
-    keys: LaunchKeys  # this launch's CurveZMQ keys: environment only
+    keys: LaunchKeys | None  # this launch's CurveZMQ keys (environment only); None for fd:N
+    channel_fd: int | None = None  # the descriptor of fd:N, to pass to the worker
 
 
 class WorkerProcess:
@@ -65,15 +66,15 @@ class WorkerProcess:
     ``zygote``, the process is forked from it instead (zygote.py)."""
 
     def __init__(self, argv: list[str], env: dict[str, str], cwd: str | None,
-                 zygote: Zygote | None = None) -> None:
+                 zygote: Zygote | None = None, channel_fd: int | None = None) -> None:
         self.argv = argv
         if zygote is not None:
-            self.popen = zygote.fork(argv, env, cwd)
+            self.popen = zygote.fork(argv, env, cwd, channel_fd)
             self._pidfd = self.popen.pidfd
         else:
             self.popen = subprocess.Popen(
                 _dying_with_us(argv), env=env, cwd=cwd, stdin=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
+                stderr=subprocess.PIPE, pass_fds=() if channel_fd is None else (channel_fd,),
                 start_new_session=True,  # Ctrl-C reaches the executor, which stops workers
             )
             self._pidfd = os.pidfd_open(self.popen.pid)
@@ -169,6 +170,13 @@ class LocalSpawner:
         self._zygote = zygote  # started by an executor of fresh serial workers (executor.py)
         self._use_zygote = True  # until it fails once
 
+    @staticmethod
+    def private_channel(resources: Resources) -> bool:
+        """Whether a worker for ``resources`` talks over a socket pair it inherits
+        (pipe.py): a serial Python worker of ours, not an ``mpiexec`` rank nor a
+        process inside a container (neither passes our descriptor on)."""
+        return resources.cores == 1 and resources.container is None
+
     def start(self, launch: Launch) -> WorkerProcess:
         resources = launch.resources
         if resources.cwd:
@@ -177,11 +185,11 @@ class LocalSpawner:
         zygote = self._zygote_for(argv, env)
         if zygote is not None:
             try:
-                return WorkerProcess(argv, env, resources.cwd, zygote)
+                return WorkerProcess(argv, env, resources.cwd, zygote, launch.channel_fd)
             except OSError:  # it died or hung: start workers directly from now on
                 self._use_zygote = False
                 self.stop_helpers()
-        return WorkerProcess(argv, env, resources.cwd)
+        return WorkerProcess(argv, env, resources.cwd, channel_fd=launch.channel_fd)
 
     def _zygote_for(self, argv: list[str], env: dict[str, str]) -> Zygote | None:
         """The executor's zygote, if it has one and it can start this worker."""
@@ -220,7 +228,8 @@ def worker_environment(launch: Launch) -> dict[str, str]:
     """The worker's environment: a child's (processes.child_environment) and the
     launch's keys (the worker removes them from its ``os.environ`` on every rank)."""
     env = child_environment(launch.resources)
-    env[KEYS_ENV] = launch.keys.to_env()
+    if launch.keys is not None:
+        env[KEYS_ENV] = launch.keys.to_env()
     if launch.resources.container is not None:
         env = container_environment(launch.resources.container, env, worker_variables(launch))
     return env

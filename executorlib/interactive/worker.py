@@ -9,13 +9,15 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from executorlib import serialize
 from executorlib.interactive import private_env, protocol
-from executorlib.interactive.auth import LaunchKeys
-from executorlib.interactive.channel import WorkerConnection
 from executorlib.interactive.encoding import split_batch
+from executorlib.interactive.pipe import ADDRESS_PREFIX, PipeConnection
+
+if TYPE_CHECKING:
+    from executorlib.interactive.channel import WorkerConnection
 
 CONNECT_TIMEOUT_ENV = "EXECUTORLIB_CONNECT_TIMEOUT"
 _PARENT_DEATH_SIGNAL = 16  # SIGSTKFLT; also the seconds until SIGALRM (die_with_parent)
@@ -23,15 +25,22 @@ _PARENT_DEATH_SIGNAL = 16  # SIGSTKFLT; also the seconds until SIGALRM (die_with
 Runner = Callable[[list], Any]
 
 
-def connect_from_argv() -> WorkerConnection:
-    """Connect to the executor named in ``argv``; the launch's keys come from the
-    environment (removed from it here, so nothing this worker starts inherits them)."""
+def connect_from_argv() -> WorkerConnection | PipeConnection:
+    """Connect to the executor named in ``argv``: ``fd:N``, a socket pair's end this
+    worker inherited (pipe.py: ZeroMQ is not even imported), or a ZeroMQ address, with
+    the launch's keys from the environment (removed from it here, so nothing this
+    worker starts inherits them)."""
     address, worker_id = sys.argv[1], int(sys.argv[2])
     host = os.uname().nodename
     private_env.load()  # launchers that record the environment (Flux) pass it in a file
     try:
-        keys = LaunchKeys.pop_from_env()
         timeout_s = float(os.environ.get(CONNECT_TIMEOUT_ENV, "60"))
+        if address.startswith(ADDRESS_PREFIX):
+            return PipeConnection(address, worker_id, timeout_s)
+        from executorlib.interactive.auth import LaunchKeys
+        from executorlib.interactive.channel import WorkerConnection
+
+        keys = LaunchKeys.pop_from_env()
         return WorkerConnection(address, keys, worker_id, timeout_s)
     except (ConnectionError, TimeoutError) as error:
         sys.exit(
@@ -60,11 +69,19 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
-def serve(connection: WorkerConnection, run: Runner, on_lost: Callable[[], None]) -> None:
-    """Answer INIT and CALL messages until STOP; ``on_lost`` if the executor vanishes."""
+def serve(connection: WorkerConnection | PipeConnection, run: Runner, on_lost: Callable[[], None]) -> None:
+    """Answer INIT and CALL messages until STOP; ``on_lost`` if the executor vanishes
+    (its watchdog thread notices, or a socket pair's send or receive fails)."""
     connection.watch_executor(on_lost)
-    if not connection.socket.poll(0):  # idle (a spare worker): load what calls by value need
+    if not connection.poll(0):  # idle (a spare worker): load what calls by value need
         import cloudpickle  # noqa: F401
+    try:
+        _serve(connection, run)
+    except ConnectionError:  # our channel's, never a call's (those travel back by value)
+        on_lost()
+
+
+def _serve(connection: WorkerConnection | PipeConnection, run: Runner) -> None:
     while True:
         kind, frames = connection.receive()
         if kind == protocol.STOP:
@@ -106,7 +123,7 @@ def run_message(preload: Preload, frames: list) -> Any:
     return run_call(preload, message)
 
 
-def _reply(connection: WorkerConnection, value: Any) -> None:
+def _reply(connection: WorkerConnection | PipeConnection, value: Any) -> None:
     if isinstance(value, serialize.Failure):
         if not value.traceback:
             connection.send(protocol.FAILURE, serialize.dumps_failure(value.exception))
@@ -116,7 +133,7 @@ def _reply(connection: WorkerConnection, value: Any) -> None:
     _send_result(connection, value)
 
 
-def _send_result(connection: WorkerConnection, value: Any) -> None:
+def _send_result(connection: WorkerConnection | PipeConnection, value: Any) -> None:
     try:
         reply = serialize.dumps(value)
     except Exception as error:

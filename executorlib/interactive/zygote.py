@@ -4,12 +4,13 @@ forkserver), so that one worker per call costs a fork instead of a Python boot.
     manager thread                                 zygote (backend/zygote.py)
     Zygote.fork(argv, env, cwd) ----------------->  [request waits on the socket]
       request: JSON {argv, env, cwd}                fork()
-      + SCM_RIGHTS: its stderr pipe, our stdout      child: reads the request itself,
+      + SCM_RIGHTS: its stderr pipe, our stdout,     child: reads the request itself,
+        its socket pair's end (pipe.py)
                                                        closes the zygote's fds, setsid,
                                                        stderr, cwd, environ, sys.argv;
                                                        runs argv's ``-c`` code (a worker)
     ForkedChild(pid, pidfd)  <-------- "S pid" + SCM_RIGHTS pidfd (after the child took it)
-    ...the worker connects and authenticates as any other...
+    ...the worker says HELLO on its socket pair as any other local worker...
     ForkedChild.wait()       <-------- "E pid status" once the zygote reaped it
 
 Every call still gets a fresh process: a child serves one launch, and it starts from the
@@ -89,9 +90,12 @@ class Zygote:
     def pid(self) -> int:
         return self._process.pid
 
-    def fork(self, argv: list[str], env: dict[str, str], cwd: str | None) -> ForkedChild:
-        """A new child running ``argv`` (``python -c CODE ARGS``) in ``env`` and ``cwd``;
-        ``OSError`` if the zygote cannot give one (then start the worker otherwise)."""
+    def fork(self, argv: list[str], env: dict[str, str], cwd: str | None,
+             channel_fd: int | None = None) -> ForkedChild:
+        """A new child running ``argv`` (``python -c CODE ARGS``) in ``env`` and ``cwd``,
+        holding ``channel_fd`` (its socket pair's end: argv names it as ``fd:N``, with our
+        number N, which the child replaces by its own); ``OSError`` if the zygote cannot
+        give one (then start the worker otherwise)."""
         if self._socket is None:
             raise ConnectionError("the zygote was closed")
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
@@ -99,7 +103,8 @@ class Zygote:
             # as Popen: cwd relative to ours now, and our stdout as it is now
             cwd = os.path.abspath(cwd) if cwd else os.getcwd()
             request = json.dumps({"argv": argv, "env": env, "cwd": cwd}).encode()
-            self._socket.sendmsg([request], [(*_SCM, array.array("i", [write_end, 1]))])
+            fds = [write_end, 1] if channel_fd is None else [write_end, 1, channel_fd]
+            self._socket.sendmsg([request], [(*_SCM, array.array("i", fds))])
             pid, pidfd = self._until_started()
         except BaseException:
             os.close(read_end)

@@ -95,13 +95,13 @@ class PilotScheduler(Retirement, Scheduler):
         return worker_rows(_snapshot(self._workers))
 
     # ------------------------------------------------------------ manager thread
-    def _handle(self, source: Any) -> None:
+    def _handle(self, source: Any, mask: int) -> None:
         if source == self._alarm.fd:
             self._alarm.clear()
             return
         if source in self._fd_owner:  # a job's state changed
             self._changed()
-        super()._handle(source)
+        super()._handle(source, mask)
 
     def _schedule(self) -> None:
         if self._broken is not None:
