@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+KEYS_ENV = "EXECUTORLIB_KEYS"  # a ZeroMQ worker's launch keys (auth.py): environment only
 HELLO, WELCOME, INIT, READY, CALL, RESULT, FAILURE, STOP = (
     b"H", b"W", b"I", b"D", b"C", b"R", b"F", b"S",
 )
