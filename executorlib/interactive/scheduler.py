@@ -170,7 +170,8 @@ class Scheduler:
                 if not events and ending:
                     self._kill_all()  # workers that did not exit within the grace period
                 for source, mask in events:
-                    self._handle(source, mask)
+                    if not self._poller.stale(source):  # closed meanwhile, maybe reused
+                        self._handle(source, mask)
                 if self._timer is not None and time.monotonic() >= self._timer:
                     self._timer = None
                     self._on_timer()
@@ -411,6 +412,7 @@ class Scheduler:
             self._closed = True
             os.close(self._inbox.fd)
         self._socket.close()
+        self._poller.close()
 
     # ------------------------------------------------ policy: for subclasses
     def _on_start(self) -> None:
