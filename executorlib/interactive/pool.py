@@ -9,10 +9,7 @@ and can no longer be cancelled) only where waiting behind it is harmless: in a p
 one worker, where no one else could run the call, or behind calls of functions whose
 last run here took under 5 ms (the manager measures each function's last service
 time). The same rule lets a long queue of such calls travel eight to a message, which
-halves the messages per call; each result still comes back on its own. A queue counts
-as long per core of this machine where the workers run on it, not per worker: 64 workers
-on 2 cores get batches as 2 would, so that each wake-up of a worker serves eight calls
-(every wake-up of one of many workers costs the others and the manager thread CPU time).
+halves the messages per call; each result still comes back on its own.
 When a worker dies, the call it was running fails; calls sent ahead that it never
 started go back to the queue (scheduler.py).
 
@@ -33,7 +30,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -73,7 +69,6 @@ class PoolScheduler(Scheduler):
         self._start_failures = 0
         self._missing: set[int] = set()  # worker numbers to start when the back-off timer comes
         self._short: dict[str, bool] = {}  # function name -> its last call took < _SHORT_S
-        self._cores = _machine_cores(spawner)  # None: workers elsewhere (srun, Flux)
         self._head_since: dict[int, float] = {}  # worker id -> when its current call began
 
     @property
@@ -149,7 +144,7 @@ class PoolScheduler(Scheduler):
         MPI workers take one call at a time."""
         if self._resources.cores > 1:
             return 1
-        share = len(self._pending) // max(1, min(len(self._ready), self._cores or len(self._ready)))
+        share = len(self._pending) // max(1, len(self._ready))
         if share < 2 * _MAX_BATCH:
             return 1
         head = itertools.islice(self._pending, _MAX_BATCH)
@@ -271,8 +266,3 @@ def _init_error(worker: Worker, frames: list) -> BaseException:
         )
         reason.__cause__ = error
         return reason
-
-
-def _machine_cores(spawner: Spawner) -> int | None:
-    """The CPUs this process may use, for workers on this machine; None for others."""
-    return len(os.sched_getaffinity(0)) if spawner.name == "local" else None
