@@ -53,11 +53,12 @@ _HANDSHAKE_FAILED = (
 class Peer:
     """A worker that connected with its launch's key: its routing id and who it is."""
 
-    __slots__ = ("routing_id", "worker_id", "host", "pid", "shm")
+    __slots__ = ("routing_id", "worker_id", "host", "pid", "shm", "seconds")
 
     def __init__(self, routing_id: bytes, worker_id: int, host: str, pid: int) -> None:
         self.routing_id, self.worker_id, self.host, self.pid = routing_id, worker_id, host, pid
         self.shm: SharedMemory | None = None  # large buffers through /dev/shm (same machine)
+        self.seconds: float | None = None  # how long its last call ran, as it reported
 
 
 class Router:
@@ -103,7 +104,9 @@ class Router:
                 continue
             kind, frames = _unpack(first, *frames)
             if kind != protocol.HELLO:
-                return peer, kind, peer.shm.attach(frames) if peer.shm and frames else frames
+                from executorlib.interactive.endpoints import outcome_frames
+
+                return peer, kind, outcome_frames(peer, kind, frames)
         return None
 
     def _admit(self, routing_id: bytes, first: zmq.Frame, frames: list) -> Peer | None:

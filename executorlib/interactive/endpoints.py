@@ -152,7 +152,7 @@ class ExecutorSocket:
                     return out, True
                 out.append((peer, protocol.HELLO, []))
             elif kind != protocol.HELLO:
-                out.append((peer, kind, peer.shm.attach(frames) if peer.shm and frames else frames))
+                out.append((peer, kind, outcome_frames(peer, kind, frames)))
         return out, closed
 
     def _welcome(self, peer: PipePeer, frames: list) -> bool:
@@ -201,3 +201,11 @@ class ExecutorSocket:
         if self._router is not None:
             self._router.close()
         SharedMemory(self._shm_prefix).sweep()  # workers that never said goodbye
+
+
+def outcome_frames(peer: Peer | PipePeer, kind: bytes, frames: list) -> list:
+    """A message's frames as the manager uses them: large buffers attached from
+    /dev/shm, and a RESULT's or FAILURE's duration moved to ``peer.seconds``."""
+    if kind in (protocol.RESULT, protocol.FAILURE):
+        frames, peer.seconds = protocol.split_seconds(frames)
+    return peer.shm.attach(frames) if peer.shm and frames else frames
