@@ -19,8 +19,8 @@ of them), so short calls stay on as many busy workers as there are cores: once e
 has a busy worker, a short call goes ahead to one of them (a long queue in batches, as
 with that many workers) rather than wake another, as long as their calls are short ones
 that began under 5 ms ago. Otherwise, and at the latest 5 ms later, it goes to an idle
-worker: a function that was short and turns slow delays only the calls already sent
-ahead behind it.
+worker, and with more busy workers than cores calls spread as usual: a function that
+was short and turns slow delays at most one call per core (and a batch), sent ahead.
 When a worker dies, the call it was running fails; calls sent ahead that it never
 started go back to the queue (scheduler.py).
 
@@ -172,12 +172,14 @@ class PoolScheduler(Scheduler):
         if self._cores is None or not self._short.get(self._pending[0].name):
             return worker
         hot = [w for w in self._ready if w.tasks]
-        return worker if len(hot) < self._cores else self._hot_worker(hot, worker)
+        return self._hot_worker(hot, worker) if len(hot) == self._cores else worker
 
     def _hot_worker(self, hot: list[Worker], idle: Worker) -> Worker | None:
-        """Every core of this machine has a busy worker and the next call is short: a busy
+        """Each core of this machine has one busy worker and the next call is short: a busy
         worker that takes it ahead, else None (held back, at most ``_SHORT_S``), while
-        their calls are short ones that began less than ``_SHORT_S`` ago; else ``idle``."""
+        their calls are short ones that began less than ``_SHORT_S`` ago; else ``idle``.
+        (Once more workers are busy than there are cores, calls spread again: so no more
+        calls than cores ever wait behind a short function that turned slow.)"""
         now = time.monotonic()
         fresh = [w for w in hot if self._may_wait_behind(w, now)]
         if fresh:
