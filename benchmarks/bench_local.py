@@ -5,15 +5,17 @@
 Rows: executor start-up in a fresh interpreter (beside the stdlib pool's spawn, forkserver
 and fork, and the floor ``python -c "import zmq, cloudpickle"``: startup_rows.py),
 block-allocation throughput (2 workers, no-op calls), submit->result round trip (beside
-its floors: a Python echo over CurveZMQ and plaintext ZeroMQ, and over a pipe, the
-standard library's wire), one fresh worker per call (beside ``python -c pass``), a
+its floors: a Python echo over a pipe, the standard library's wire and the cheapest
+here, and over CurveZMQ and plaintext ZeroMQ), one fresh worker per call (beside ``python -c pass``), a
 dependency chain, and an echo of a 200 MB array (beside a numpy copy and a pickle round
 trip). ``--startup-only``: only the start-up and fresh-worker rows.
 
-Encryption (CurveZMQ, always on) is measured against the channel's plaintext switch,
-which only benchmarks use, in alternating rounds of the same run: block throughput,
-round trip, and the 200 MB echo through /dev/shm (same machine) and through ZeroMQ
-alone (``EXECUTORLIB_NO_SHM=1``, the path of workers on other nodes).
+Transports, in alternating rounds of the same run: local serial workers talk over a
+socket pair they inherit (the default), and, through benchmark-only switches, over the
+CurveZMQ ROUTER that every other worker uses (MPI ranks, srun steps, Flux and pilot
+jobs) and over that ROUTER in plaintext: block throughput, CPU per call, round trip, and
+the 200 MB echo through /dev/shm (same machine) and without it (``EXECUTORLIB_NO_SHM=1``,
+the path of workers on other nodes).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from startup_rows import fresh_worker_rows, startup_rows
 
 from executorlib import Executor
 from executorlib.interactive import auth
+from executorlib.interactive.spawner import LocalSpawner
 
 
 def noop(x=None):
@@ -176,10 +179,18 @@ def echo_gbps(exe, array: np.ndarray) -> float:
     return array.nbytes / seconds / 1e9
 
 
+TRANSPORTS = ("socket pair", "CurveZMQ", "plaintext ZeroMQ")
+
+
 @contextlib.contextmanager
-def channel(encrypted: bool, shm: bool = True):
-    """Executors made inside use (or not) encryption and /dev/shm."""
-    auth._PLAINTEXT_FOR_BENCHMARKS = not encrypted
+def channel(transport: str, shm: bool = True):
+    """Executors made inside give their local serial workers ``transport``: the socket
+    pair they get by default, or (benchmark switches, never set elsewhere) the ROUTER
+    every other worker uses, encrypted or not; and /dev/shm for large buffers, or not."""
+    auth._PLAINTEXT_FOR_BENCHMARKS = transport == "plaintext ZeroMQ"
+    private = LocalSpawner.private_channel
+    if transport != "socket pair":
+        LocalSpawner.private_channel = staticmethod(lambda resources: False)
     old = os.environ.get("EXECUTORLIB_NO_SHM")
     if not shm:
         os.environ["EXECUTORLIB_NO_SHM"] = "1"
@@ -187,34 +198,37 @@ def channel(encrypted: bool, shm: bool = True):
         yield
     finally:
         auth._PLAINTEXT_FOR_BENCHMARKS = False
+        LocalSpawner.private_channel = private
         os.environ.pop("EXECUTORLIB_NO_SHM", None)
         if old is not None:
             os.environ["EXECUTORLIB_NO_SHM"] = old
 
 
-def encryption_rows(calls: int, latency_calls: int, array: np.ndarray, rounds: int) -> list:
-    """Rows comparing CurveZMQ with plaintext, medians of alternating rounds."""
+def transport_rows(calls: int, latency_calls: int, array: np.ndarray, rounds: int) -> list:
+    """The same serial workers over each transport: medians of alternating rounds."""
     measures = {
         f"block throughput, 2 workers, {calls} calls (tasks/s)": (2, True, lambda e: throughput(e, calls)),
         "CPU per call in that run, executor + workers (us)": (2, True, lambda e: cpu_us_per_call(e, calls)),
         "submit->result round trip, median (us)": (1, True, lambda e: round_trip_us(e, latency_calls)),
         "echo of a 200 MB array via /dev/shm (GB/s)": (1, True, lambda e: echo_gbps(e, array)),
-        "echo of a 200 MB array via ZeroMQ only (GB/s)": (1, False, lambda e: echo_gbps(e, array)),
+        "echo of a 200 MB array, no /dev/shm (GB/s)": (1, False, lambda e: echo_gbps(e, array)),
     }
     rows = []
     for name, (workers, shm, measure) in measures.items():
-        samples: dict[bool, list[float]] = {True: [], False: []}
+        samples: dict[str, list[float]] = {transport: [] for transport in TRANSPORTS}
         for _ in range(rounds):
-            for encrypted in (True, False):
-                with channel(encrypted, shm), Executor(max_workers=workers, block_allocation=True) as exe:
-                    samples[encrypted].append(measure(exe))
+            for transport in TRANSPORTS:
+                with channel(transport, shm), Executor(max_workers=workers, block_allocation=True) as exe:
+                    samples[transport].append(measure(exe))
         with ProcessPoolExecutor(workers) as pool:
             pool_value = measure(pool)
-        curve, plain = (statistics.median(samples[k]) for k in (True, False))
+        pair, curve, plain = (statistics.median(samples[t]) for t in TRANSPORTS)
         digits = 2 if "GB/s" in name else 0
-        rows.append((f"{name}: CurveZMQ", f"{curve:,.{digits}f}", f"{pool_value:,.{digits}f}",
+        rows.append((f"{name}: socket pair", f"{pair:,.{digits}f}", f"{pool_value:,.{digits}f}", ""))
+        rows.append(("  same, over CurveZMQ (as MPI, srun, Flux workers)", f"{curve:,.{digits}f}", "",
+                     f"socket pair / CurveZMQ: {pair / curve:.0%}"))
+        rows.append(("  same, plaintext ZeroMQ (benchmark switch)", f"{plain:,.{digits}f}", "",
                      f"CurveZMQ / plaintext: {curve / plain:.0%}"))
-        rows.append(("  same, plaintext (benchmark switch)", f"{plain:,.{digits}f}", "", ""))
     return rows
 
 
@@ -256,7 +270,7 @@ def main() -> None:
     pickle_s = timed(lambda: pickle.loads(pickle.dumps(array, protocol=5)), 3)
     rows.append(("  numpy copy / pickle round trip (GB/s)", "", "",
                  f"{array.nbytes / copy_s / 1e9:.2f} / {array.nbytes / pickle_s / 1e9:.2f}"))
-    rows += encryption_rows(calls, latency_calls, array, 3 if quick else 5)
+    rows += transport_rows(calls, latency_calls, array, 3 if quick else 5)
     print_table(rows)
 
 

@@ -28,7 +28,8 @@ import threading
 import zmq
 from zmq.utils import z85
 
-KEYS_ENV = "EXECUTORLIB_KEYS"
+from executorlib.interactive.protocol import KEYS_ENV
+
 HANDSHAKE_MS = 10_000  # an unauthenticated connection is dropped after this
 CHUNK_BYTES = 64 * 1024  # data frames above this travel as several frames
 MAX_FRAME = CHUNK_BYTES + 1024  # + CURVE's box and command header

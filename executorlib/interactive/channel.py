@@ -1,4 +1,5 @@
-"""ZeroMQ sockets, encrypted and authenticated: the executor's ROUTER and each worker's DEALER.
+"""ZeroMQ sockets, encrypted and authenticated: the executor's ROUTER and each worker's DEALER
+(for every worker but a local serial one, which has a socket pair: pipe.py, endpoints.py).
 
 The executor binds one ROUTER on a single interface (loopback, or the address of its
 host inside an allocation; never ``tcp://*``). It is a CurveZMQ server: every worker
@@ -33,10 +34,9 @@ from collections.abc import Callable
 import zmq
 
 from executorlib import serialize
-from executorlib.interactive import pipe, protocol
+from executorlib.interactive import protocol
 from executorlib.interactive.auth import CHUNK_BYTES, Gatekeeper, LaunchKeys, raise_fd_limit
-from executorlib.interactive.pipe import PipePeer
-from executorlib.interactive.shm import SharedMemory, fingerprint, owner_prefix, sweep_stale, valid_prefix
+from executorlib.interactive.shm import SharedMemory, fingerprint, valid_prefix
 
 CHUNKED = b"+"  # second byte of a kind frame: the frames that follow are chunked
 _ZERO_COPY_MIN = 64 * 1024
@@ -53,112 +53,60 @@ _HANDSHAKE_FAILED = (
 class Peer:
     """A worker that connected with its launch's key: its routing id and who it is."""
 
-    __slots__ = ("routing_id", "worker_id", "host", "pid", "shm")
+    __slots__ = ("routing_id", "worker_id", "host", "pid", "shm", "seconds")
 
     def __init__(self, routing_id: bytes, worker_id: int, host: str, pid: int) -> None:
         self.routing_id, self.worker_id, self.host, self.pid = routing_id, worker_id, host, pid
         self.shm: SharedMemory | None = None  # large buffers through /dev/shm (same machine)
+        self.seconds: float | None = None  # how long its last call ran, as it reported
 
 
-class ExecutorSocket:
-    """The executor's end: issue launch keys, admit HELLOs, send and receive; the
-    ROUTER is bound on first need (:attr:`address`), and local serial workers talk over
-    socket pairs instead (pipe.py), so an executor of only those opens no port at all.
-    Every descriptor is (un)registered in the manager's ``poller`` here."""
+class Router:
+    """The executor's ROUTER (endpoints.py makes it on first need): bind, issue launch
+    keys, admit HELLOs, send and receive."""
 
-    def __init__(self, host: str, poller: zmq.Poller) -> None:
+    def __init__(self, host: str, shm_for: Callable[[int, bytes], SharedMemory | None]) -> None:
         raise_fd_limit()
-        self._host, self._poller = host, poller
-        self._context: zmq.Context | None = None
-        self.gate: Gatekeeper | None = None
-        self.socket: zmq.Socket | None = None
-        self._address: str | None = None
+        self._context = zmq.Context()
+        self.gate = Gatekeeper(self._context)
+        self.socket = self._context.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.gate.configure(self.socket)
+        port = self.socket.bind_to_random_port(f"tcp://{_bind_address(host)}")
+        self.address = f"tcp://{host}:{port}"
         self.peers: dict[bytes, Peer] = {}
-        self.pipes: dict[int, PipePeer] = {}  # fd -> worker on a socket pair
-        self._fingerprint = fingerprint()
-        self._shm_prefix = f"{owner_prefix()}{os.urandom(6).hex()}-"
-        if self._fingerprint:
-            sweep_stale()
-
-    @property
-    def address(self) -> str:
-        """``tcp://HOST:PORT`` of the ROUTER, bound (on one interface) on first use."""
-        if self._address is None:
-            self._context = zmq.Context()
-            self.gate = Gatekeeper(self._context)
-            router = self._context.socket(zmq.ROUTER)
-            router.setsockopt(zmq.LINGER, 0)
-            router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-            self.gate.configure(router)
-            port = router.bind_to_random_port(f"tcp://{_bind_address(self._host)}")
-            self.socket, self._address = router, f"tcp://{self._host}:{port}"
-            self._poller.register(router, zmq.POLLIN)
-        return self._address
-
-    def open_pipe(self, worker_id: int) -> tuple[PipePeer, socket.socket]:
-        """A socket pair for the local worker about to be launched as ``worker_id``:
-        (our peer, polled from now on; the end the worker inherits, to close once started)."""
-        ours, theirs = pipe.pair()
-        peer = PipePeer(worker_id, ours)
-        self.pipes[peer.fileno()] = peer
-        self._poller.register(peer.fileno(), zmq.POLLIN)
-        return peer, theirs
-
-    def read_pipe(self, peer: PipePeer) -> tuple[list[tuple[PipePeer, bytes, list]], bool]:
-        """(messages from a socket-pair worker, whether its end closed); its HELLO is
-        answered with WELCOME and returned with no frames, anything before it closes."""
-        messages, closed = peer.read()
-        out = []
-        for kind, frames in messages:
-            if not peer.hello:
-                try:
-                    welcome = kind == protocol.HELLO and len(frames) == 4 and self._welcome(peer, frames)
-                except OSError:  # it hung up right after its HELLO
-                    welcome = False
-                if not welcome:
-                    return out, True
-                out.append((peer, protocol.HELLO, []))
-            elif kind != protocol.HELLO:
-                out.append((peer, kind, peer.shm.attach(frames) if peer.shm and frames else frames))
-        return out, closed
-
-    def _welcome(self, peer: PipePeer, frames: list) -> bool:
-        worker_id, host, pid, shm_fingerprint = frames
-        if worker_id != str(peer.worker_id).encode() or not pid.isdigit():
-            return False
-        peer.hello, peer.host, peer.pid = True, host.decode(errors="replace"), int(pid)
-        if shm_fingerprint and shm_fingerprint == self._fingerprint:
-            peer.shm = SharedMemory(f"{self._shm_prefix}{peer.worker_id}-")
-        self.send(peer, protocol.WELCOME, [peer.shm.prefix.encode() if peer.shm else b""])
-        return True
-
-    def on_writable(self, peer: PipePeer) -> None:
-        """The socket of ``peer`` takes more: send what waits (``OSError``: it is gone)."""
-        if not peer.flush():
-            self._poller.register(peer.fileno(), zmq.POLLIN)
+        self._shm_for = shm_for  # files in /dev/shm for a worker whose HELLO shows ours
 
     def launch_keys(self, worker_id: int) -> LaunchKeys:
         """Keys for the worker about to be launched as ``worker_id`` (one connection)."""
-        self.address  # noqa: B018  (binds the ROUTER and starts the gatekeeper)
         return self.gate.issue(worker_id)
 
     def receive(self) -> tuple[Peer, bytes, list] | None:
-        """One message of the ROUTER without blocking: (peer, kind, frames), or None.
+        """One message without blocking: (peer, kind, frames), or None when none waits.
 
         A worker's first HELLO is answered here and returned with kind HELLO; anything
-        else from a connection that has not said HELLO, and any later HELLO, is dropped.
+        else from a connection that has not said HELLO, and any later HELLO, is dropped;
+        so is a WELCOME that cannot reach a worker which vanished right after its HELLO
+        (that worker's process end is reported as any other's).
         """
         while self.socket.getsockopt(_EVENTS) & _POLLIN:  # cheaper than catching zmq.Again
             routing_id, first, *frames = self.socket.recv_multipart(copy=False)
             peer = self.peers.get(routing_id.bytes)
             if peer is None:
-                if peer := self._admit(routing_id.bytes, first, frames):
+                try:
+                    peer = self._admit(routing_id.bytes, first, frames)
+                except zmq.ZMQError:
+                    continue
+                if peer is not None:
                     return peer, protocol.HELLO, []
                 _dropped(first.bytes[:8])
                 continue
             kind, frames = _unpack(first, *frames)
             if kind != protocol.HELLO:
-                return peer, kind, peer.shm.attach(frames) if peer.shm and frames else frames
+                from executorlib.interactive.endpoints import outcome_frames
+
+                return peer, kind, outcome_frames(peer, kind, frames)
         return None
 
     def _admit(self, routing_id: bytes, first: zmq.Frame, frames: list) -> Peer | None:
@@ -172,49 +120,29 @@ class ExecutorSocket:
         if not self.gate.admit(user_id, int(worker_id)):
             return None
         peer = Peer(routing_id, int(worker_id), host.decode(errors="replace"), int(pid))
-        if shm_fingerprint and shm_fingerprint == self._fingerprint:
-            peer.shm = SharedMemory(f"{self._shm_prefix}{peer.worker_id}-")
+        peer.shm = self._shm_for(peer.worker_id, shm_fingerprint)
         self.peers[routing_id] = peer
-        self.send(peer, protocol.WELCOME, [peer.shm.prefix.encode() if peer.shm else b""])
+        _send(self.socket, protocol.WELCOME, [peer.shm.prefix.encode() if peer.shm else b""], routing_id)
         return peer
 
-    def send(self, peer: Peer | PipePeer, kind: bytes, frames: list = ()) -> None:
-        """Send one message; large frames go without a copy (or through /dev/shm).
-        ``zmq.ZMQError`` or ``OSError`` if the worker's connection is gone."""
-        if peer.shm is not None and frames:
-            frames = peer.shm.export(frames)
-        if peer.routing_id is not None:
+    def send(self, peer: Peer, kind: bytes, frames: list) -> None:
+        """Send one message (frames already exported to /dev/shm where they go there);
+        ``ConnectionError`` if the worker's connection is gone."""
+        try:
             _send(self.socket, kind, frames, peer.routing_id)
-        elif peer.write(kind, frames):  # the rest waits for POLLOUT
-            self._poller.register(peer.fileno(), zmq.POLLIN | zmq.POLLOUT)
+        except zmq.ZMQError as error:
+            raise ConnectionError(f"{peer.worker_id}: {error}") from error
 
-    def forget(self, worker_id: int, peer: Peer | None) -> None:
+    def forget(self, worker_id: int, peer: object) -> None:
         """A worker's process has ended: its key admits nothing any more, messages from
-        it are dropped, and the shared-memory files it or we left unread are removed."""
-        if self.gate is not None:
-            self.gate.revoke(worker_id)
-        for pipe_peer in [p for p in self.pipes.values() if p.worker_id == worker_id]:
-            self.close_pipe(pipe_peer)
-        if peer is None:
-            return
-        if peer.routing_id is not None:
+        it are dropped."""
+        self.gate.revoke(worker_id)
+        if isinstance(peer, Peer):
             self.peers.pop(peer.routing_id, None)
-        if peer.shm is not None:
-            peer.shm.sweep()
-
-    def close_pipe(self, peer: PipePeer) -> None:
-        """Stop polling ``peer``'s socket and close it (its worker's end then reads EOF)."""
-        if self.pipes.pop(peer.fileno(), None) is not None:
-            self._poller.unregister(peer.fileno())
-            peer.close()
 
     def close(self) -> None:
-        for peer in list(self.pipes.values()):
-            self.close_pipe(peer)
-        if self.socket is not None:
-            self.socket.close(linger=0)
-            self._context.term()  # also ends the ZAP handler
-        SharedMemory(self._shm_prefix).sweep()  # workers that never said goodbye
+        self.socket.close(linger=0)
+        self._context.term()  # also ends the ZAP handler
 
 
 class WorkerConnection:

@@ -6,12 +6,15 @@ from __future__ import annotations
 import os
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from executorlib.interactive.channel import Peer
 from executorlib.interactive.spawner import Launch, WorkerProcess
 from executorlib.resources import Resources
 from executorlib.task import Task
+
+if TYPE_CHECKING:
+    from executorlib.interactive.channel import Peer
+    from executorlib.interactive.pipe import PipePeer
 
 
 class Spawner(Protocol):
@@ -40,7 +43,7 @@ class Worker:
     worker_id: int
     resources: Resources
     process: WorkerProcess
-    peer: Peer | None = None
+    peer: Peer | PipePeer | None = None
     tasks: deque[Task] = field(default_factory=deque)  # sent (or to send), oldest first
     ready: bool = False  # connected, and init_function done where there is one
     stopping: bool = False

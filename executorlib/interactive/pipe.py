@@ -94,12 +94,15 @@ class Parser:
 class PipePeer:
     """The executor's view of a worker on a socket pair (the manager thread's only)."""
 
-    __slots__ = ("routing_id", "worker_id", "host", "pid", "shm", "sock", "parser", "outbox", "hello")
+    __slots__ = (
+        "routing_id", "worker_id", "host", "pid", "shm", "seconds", "sock", "parser", "outbox", "hello",
+    )
 
     def __init__(self, worker_id: int, sock: socket.socket) -> None:
         self.routing_id = None
         self.worker_id, self.host, self.pid = worker_id, "localhost", 0
         self.shm: SharedMemory | None = None
+        self.seconds: float | None = None  # how long its last call ran, as it reported
         self.sock, self.parser, self.outbox = sock, Parser(), deque()
         self.hello = False  # its HELLO arrived (anything before it ends the connection)
 

@@ -9,7 +9,18 @@ and can no longer be cancelled) only where waiting behind it is harmless: in a p
 one worker, where no one else could run the call, or behind calls of functions whose
 last run here took under 5 ms (the manager measures each function's last service
 time). The same rule lets a long queue of such calls travel eight to a message, which
-halves the messages per call; each result still comes back on its own.
+halves the messages per call; each result still comes back on its own. (A call's
+time is the one its worker reports: on a busy machine the time until its result arrives
+is longer.)
+
+With more workers on this machine than it has cores, runnable workers only take CPU time
+from each other and from the manager thread (the kernel shares the cores out among all
+of them), so short calls stay on as many busy workers as there are cores: once each core
+has a busy worker, a short call goes ahead to one of them (a long queue in batches, as
+with that many workers) rather than wake another, as long as their calls are short ones
+that began under 5 ms ago. Otherwise, and at the latest 5 ms later, it goes to an idle
+worker, and with more busy workers than cores calls spread as usual: a function that
+was short and turns slow delays at most one call per core (and a batch), sent ahead.
 When a worker dies, the call it was running fails; calls sent ahead that it never
 started go back to the queue (scheduler.py).
 
@@ -30,6 +41,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -69,6 +81,8 @@ class PoolScheduler(Scheduler):
         self._start_failures = 0
         self._missing: set[int] = set()  # worker numbers to start when the back-off timer comes
         self._short: dict[str, bool] = {}  # function name -> its last call took < _SHORT_S
+        self._cores = _machine_cores(spawner)  # None: workers elsewhere (srun, Flux)
+        self._restart_at: float | None = None  # when the back-off before a restart ends
         self._head_since: dict[int, float] = {}  # worker id -> when its current call began
 
     @property
@@ -144,7 +158,7 @@ class PoolScheduler(Scheduler):
         MPI workers take one call at a time."""
         if self._resources.cores > 1:
             return 1
-        share = len(self._pending) // max(1, len(self._ready))
+        share = len(self._pending) // max(1, min(len(self._ready), self._cores or len(self._ready)))
         if share < 2 * _MAX_BATCH:
             return 1
         head = itertools.islice(self._pending, _MAX_BATCH)
@@ -153,19 +167,47 @@ class PoolScheduler(Scheduler):
     def _least_busy(self) -> Worker | None:
         """An idle worker, else one that may take a call ahead (see the module docstring)."""
         worker = min(self._ready, key=lambda w: len(w.tasks), default=None)
-        if worker is None or not worker.tasks:
+        if worker is None or worker.tasks:
+            return worker if worker is not None and self._may_wait_behind(worker) else None
+        if self._cores is None or not self._short.get(self._pending[0].name):
             return worker
-        if len(worker.tasks) > _CALLS_AHEAD:
-            return None
-        lone = self._size == 1
-        return worker if lone or all(self._short.get(t.name) for t in worker.tasks) else None
+        hot = [w for w in self._ready if w.tasks]
+        return self._hot_worker(hot, worker) if len(hot) == self._cores else worker
+
+    def _hot_worker(self, hot: list[Worker], idle: Worker) -> Worker | None:
+        """Each core of this machine has one busy worker and the next call is short: a busy
+        worker that takes it ahead, else None (held back, at most ``_SHORT_S``), while
+        their calls are short ones that began less than ``_SHORT_S`` ago; else ``idle``.
+        (Once more workers are busy than there are cores, calls spread again: so no more
+        calls than cores ever wait behind a short function that turned slow.)"""
+        now = time.monotonic()
+        fresh = [w for w in hot if self._may_wait_behind(w, now)]
+        if fresh:
+            return min(fresh, key=lambda w: len(w.tasks))
+        short = [w for w in hot if self._may_wait_behind(w, now, ahead=len(w.tasks))]
+        if not short:
+            return idle
+        self._wake_at(min(self._head_since.get(w.worker_id, now) for w in short) + _SHORT_S)
+        return None
+
+    def _may_wait_behind(self, worker: Worker, now: float | None = None, ahead: int = _CALLS_AHEAD) -> bool:
+        """Whether busy ``worker`` may take a call ahead (up to ``ahead`` waiting); with
+        ``now``, only while its current call began less than ``_SHORT_S`` ago."""
+        if len(worker.tasks) > ahead:
+            return False
+        if now is not None and now - self._head_since.get(worker.worker_id, now) >= _SHORT_S:
+            return False
+        return self._size == 1 or all(self._short.get(t.name) for t in worker.tasks)
 
     def _measure(self, worker: Worker) -> None:
         """A result of ``worker``'s oldest call arrived: note whether that function is
-        short; the worker's next call (already there, if it was sent ahead) begins now."""
+        short (by the time the worker reports it ran: on a busy machine the time until
+        its result is here is longer); its next call (if sent ahead) begins now."""
         now = time.monotonic()
-        began = self._head_since.get(worker.worker_id, now)
-        self._short[worker.tasks[0].name] = now - began < _SHORT_S
+        seconds = worker.peer.seconds if worker.peer is not None else None
+        if seconds is None:
+            seconds = now - self._head_since.get(worker.worker_id, now)
+        self._short[worker.tasks[0].name] = seconds < _SHORT_S
         self._head_since[worker.worker_id] = now
 
     def _on_connected(self, worker: Worker) -> None:
@@ -238,10 +280,23 @@ class PoolScheduler(Scheduler):
                      self._start_failures, _START_FAILURES_BEFORE_BROKEN)
         if worker_id is not None:
             self._missing.add(worker_id)
-        if self._timer is None:
-            self._timer = time.monotonic() + delay
+        if self._restart_at is None:
+            self._restart_at = time.monotonic() + delay
+            self._wake_at(self._restart_at)
+
+    def _wake_at(self, when: float) -> None:
+        """Have the manager run ``_on_timer`` (and schedule again) at ``when`` or before."""
+        self._timer = when if self._timer is None else min(self._timer, when)
 
     def _on_timer(self) -> None:
+        """Start the workers whose back-off is over; the loop then schedules again (calls
+        held back for busy workers' short calls: :meth:`_hot_worker`)."""
+        if self._restart_at is None:
+            return
+        if time.monotonic() < self._restart_at:
+            self._wake_at(self._restart_at)
+            return
+        self._restart_at = None
         missing, self._missing = sorted(self._missing), set()
         for worker_id in missing:
             if worker_id not in self._workers:
@@ -266,3 +321,8 @@ def _init_error(worker: Worker, frames: list) -> BaseException:
         )
         reason.__cause__ = error
         return reason
+
+
+def _machine_cores(spawner: Spawner) -> int | None:
+    """The CPUs this process may use, for workers on this machine; None for others."""
+    return len(os.sched_getaffinity(0)) if spawner.name == "local" else None

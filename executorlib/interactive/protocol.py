@@ -7,8 +7,8 @@ Every message is a multipart ZeroMQ message that starts with a one-byte kind::
     executor -> worker     INIT    pickled init_function + buffers     (block allocation only)
     worker   -> executor   READY                                       (init_function returned)
     executor -> worker     CALL    pickled Call + buffers
-    worker   -> executor   RESULT  pickled value + buffers
-    worker   -> executor   FAILURE pickled Failure
+    worker   -> executor   RESULT  pickled value + buffers + the call's seconds
+    worker   -> executor   FAILURE pickled Failure + the call's seconds
     executor -> worker     STOP
 
 Pickles use protocol 5: large buffers (NumPy arrays, bytes-likes) leave the pickle as
@@ -25,9 +25,11 @@ because workers import it on their start-up path.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from typing import Any
 
+KEYS_ENV = "EXECUTORLIB_KEYS"  # a ZeroMQ worker's launch keys (auth.py): environment only
 HELLO, WELCOME, INIT, READY, CALL, RESULT, FAILURE, STOP = (
     b"H", b"W", b"I", b"D", b"C", b"R", b"F", b"S",
 )
@@ -45,3 +47,22 @@ class Call:
 # Plain classes rather than dataclasses: ``dataclasses`` imports ``inspect``, which
 # would add ~10 ms to every worker's start-up.
 
+
+_SECONDS = struct.Struct("<d")
+
+
+def with_seconds(frames: list, seconds: float) -> list:
+    """A RESULT's or FAILURE's frames and, last, how long the call ran in the worker
+    (wall time there: what a busy machine's other processes add on the way is not in it)."""
+    return [*frames, _SECONDS.pack(seconds)]
+
+
+def split_seconds(frames: list) -> tuple[list, float | None]:
+    """Inverse of :func:`with_seconds` (None if the last frame is not a duration)."""
+    if not frames:
+        return frames, None
+    last = frames[-1]
+    data = bytes(getattr(last, "buffer", last))
+    if len(data) != _SECONDS.size:
+        return frames, None
+    return frames[:-1], _SECONDS.unpack(data)[0]

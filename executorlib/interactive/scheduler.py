@@ -5,10 +5,10 @@ Data flow::
     submit() ── Task ──> inbox (deque) ──wake(eventfd)──┐
     input futures done ─ callback ─> inbox ─────────────┤
                                                         v
-       manager thread: ONE zmq poll over  [ROUTER socket, wake eventfd,
-                                            every worker's pidfd + stderr pipe]
+       manager thread: ONE poll over  [wake eventfd, every worker's pidfd, stderr
+                                        pipe and socket pair (or the ROUTER)]
          inbox   -> cache lookup -> pending (FIFO) -> policy picks/starts a worker
-         ROUTER  -> HELLO / READY / RESULT / FAILURE  -> futures resolved here
+         channel -> HELLO / READY / RESULT / FAILURE  -> futures resolved here
          pidfd   -> worker ended: its call fails with exit code/signal + stderr tail;
                     calls sent ahead that it never started go back to the queue
 
@@ -35,21 +35,22 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any
-
-import zmq
+from typing import TYPE_CHECKING, Any
 
 from executorlib import serialize
 from executorlib.dependencies import settle, substitute, when_resolved
 from executorlib.errors import ExecutorShutdownError, WorkerDiedError, with_remote_traceback
 from executorlib.interactive import protocol
-from executorlib.interactive.channel import ExecutorSocket, Peer
 from executorlib.interactive.encoding import CallEncoder, unpicklable_call
+from executorlib.interactive.endpoints import POLLIN, POLLOUT, ExecutorSocket, Poller
 from executorlib.interactive.parts import Inbox, ResultCache, Spawner, Worker
 from executorlib.interactive.pipe import ADDRESS_PREFIX, PipePeer
 from executorlib.interactive.spawner import Launch
 from executorlib.resources import Resources
 from executorlib.task import Task
+
+if TYPE_CHECKING:
+    from executorlib.interactive.channel import Peer
 
 __all__ = ["ResultCache", "Scheduler", "Spawner", "Worker"]
 
@@ -64,7 +65,7 @@ class Scheduler:
         self._spawner = spawner
         self._cache = cache
         self._encoder = CallEncoder()
-        self._poller = zmq.Poller()
+        self._poller = Poller()
         self._socket = ExecutorSocket(host or spawner.bind_host, self._poller)
         self._inbox = Inbox()
         self._pending: deque[Task] = deque()
@@ -76,7 +77,7 @@ class Scheduler:
         self._stopping = False
         self._closed = False
         self._timer: float | None = None  # time.monotonic() at which to call _on_timer
-        self._poller.register(self._inbox.fd, zmq.POLLIN)
+        self._poller.register(self._inbox.fd, POLLIN)
         self._thread = threading.Thread(target=self._run, name="executorlib-manager", daemon=True)
         _LIVE.add(self)
 
@@ -172,7 +173,8 @@ class Scheduler:
                 if not events and ending:
                     self._kill_all()  # workers that did not exit within the grace period
                 for source, mask in events:
-                    self._handle(source, mask)
+                    if not self._poller.stale(source):  # closed meanwhile, maybe reused
+                        self._handle(source, mask)
                 if self._timer is not None and time.monotonic() >= self._timer:
                     self._timer = None
                     self._on_timer()
@@ -189,7 +191,7 @@ class Scheduler:
 
     def _handle(self, source: Any, mask: int) -> None:
         if source is self._socket.socket:
-            while message := self._receive():
+            while message := self._socket.receive():
                 self._on_message(*message)
         elif source == self._inbox.fd:
             os.eventfd_read(self._inbox.fd)
@@ -204,12 +206,12 @@ class Scheduler:
         """Activity on a local worker's socket pair: room to send, messages, its close
         (a worker that closed its end is stopped: its process end follows)."""
         closed = False
-        if mask & zmq.POLLOUT:
+        if mask & POLLOUT:
             try:
                 self._socket.on_writable(peer)
             except OSError:
                 closed = True
-        if mask & ~zmq.POLLOUT or closed:
+        if mask & ~POLLOUT or closed:
             messages, gone = self._socket.read_pipe(peer)
             for message in messages:
                 self._on_message(*message)
@@ -236,15 +238,6 @@ class Scheduler:
         self._stopping = True
         if cancel_futures:  # calls put back after their worker died are running: they run
             self._pending = deque(t for t in self._pending if not t.future.cancel())
-
-    def _receive(self) -> tuple | None:
-        """The next message; a WELCOME that could not reach a worker which vanished
-        right after its HELLO loses that worker only (its process end is reported)."""
-        while True:
-            try:
-                return self._socket.receive()
-            except zmq.ZMQError:
-                continue
 
     def _drained(self) -> bool:
         with self._lock:
@@ -283,7 +276,7 @@ class Scheduler:
         self._workers[worker_id] = worker
         for fd in process.fds():
             self._fd_owner[fd] = worker
-            self._poller.register(fd, zmq.POLLIN)
+            self._poller.register(fd, POLLIN)
         return worker
 
     def _send_call(self, worker: Worker, task: Task) -> bool:
@@ -327,7 +320,7 @@ class Scheduler:
         try:
             self._socket.send(worker.peer, kind, frames)
             return True
-        except (zmq.ZMQError, OSError):
+        except OSError:  # ConnectionError from the ROUTER, or a socket pair's
             self._lose(worker)
             return False
 
@@ -422,6 +415,7 @@ class Scheduler:
             self._closed = True
             os.close(self._inbox.fd)
         self._socket.close()
+        self._poller.close()
 
     # ------------------------------------------------ policy: for subclasses
     def _on_start(self) -> None:

@@ -27,9 +27,10 @@ import signal
 import subprocess
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from executorlib.container import container_argv, container_environment, host_python_binds
-from executorlib.interactive.auth import KEYS_ENV, LaunchKeys
+from executorlib.interactive.protocol import KEYS_ENV
 from executorlib.interactive.zygote import Zygote, forkable, interpreter_settings
 from executorlib.processes import (
     THREAD_VARIABLES,
@@ -40,6 +41,9 @@ from executorlib.processes import (
     python_argv,
 )
 from executorlib.resources import Resources
+
+if TYPE_CHECKING:
+    from executorlib.interactive.auth import LaunchKeys
 
 _STDERR_TAIL_BYTES = 4096
 # Runs as the launcher's process before it execs: SIGTERM (15) when our manager thread,

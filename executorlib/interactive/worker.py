@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from executorlib import serialize
@@ -86,6 +87,7 @@ def _serve(connection: WorkerConnection | PipeConnection, run: Runner) -> None:
         kind, frames = connection.receive()
         if kind == protocol.STOP:
             return
+        began = perf_counter()
         try:
             value = run(frames)
         except BaseException as exception:  # the function's error travels back by value
@@ -94,9 +96,10 @@ def _serve(connection: WorkerConnection | PipeConnection, run: Runner) -> None:
             connection.send(protocol.READY)
         elif isinstance(value, Batch):
             for outcome in value:  # each result leaves as soon as it is there
-                _reply(connection, outcome)
+                _reply(connection, outcome, perf_counter() - began)
+                began = perf_counter()
         else:
-            _reply(connection, value)
+            _reply(connection, value, perf_counter() - began)
 
 
 class Batch:
@@ -123,24 +126,20 @@ def run_message(preload: Preload, frames: list) -> Any:
     return run_call(preload, message)
 
 
-def _reply(connection: WorkerConnection | PipeConnection, value: Any) -> None:
+def _reply(connection: WorkerConnection | PipeConnection, value: Any, seconds: float) -> None:
+    """Send a call's outcome and how long it ran here (the pool's scheduling uses it)."""
     if isinstance(value, serialize.Failure):
-        if not value.traceback:
-            connection.send(protocol.FAILURE, serialize.dumps_failure(value.exception))
-        else:  # already formatted (an MPI rank's)
-            connection.send(protocol.FAILURE, serialize.dumps(value))
+        # with a traceback: already formatted (an MPI rank's)
+        frames = serialize.dumps(value) if value.traceback else serialize.dumps_failure(value.exception)
+        connection.send(protocol.FAILURE, protocol.with_seconds(frames, seconds))
         return
-    _send_result(connection, value)
-
-
-def _send_result(connection: WorkerConnection | PipeConnection, value: Any) -> None:
     try:
         reply = serialize.dumps(value)
     except Exception as error:
         failure = serialize.SerializationError(f"the function's result could not be pickled: {error}")
-        connection.send(protocol.FAILURE, serialize.dumps_failure(failure))
+        connection.send(protocol.FAILURE, protocol.with_seconds(serialize.dumps_failure(failure), seconds))
         return
-    connection.send(protocol.RESULT, reply)
+    connection.send(protocol.RESULT, protocol.with_seconds(reply, seconds))
 
 
 WORKER_ID_PARAMETER = "executorlib_worker_id"

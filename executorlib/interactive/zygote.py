@@ -33,18 +33,17 @@ failed, start with ``subprocess.Popen`` as before.
 
 from __future__ import annotations
 
+import _socket  # not ``socket``: its enum set-up would delay the zygote's start by ~10 ms
 import array
 import contextlib
-import json
 import os
-import socket
 import subprocess
 import sys
 
 from executorlib.processes import python_argv
 
 _REPLY_TIMEOUT_S = 60.0  # the first fork waits for the zygote's boot
-_SCM = socket.SOL_SOCKET, socket.SCM_RIGHTS
+_SCM = _socket.SOL_SOCKET, _socket.SCM_RIGHTS
 
 
 def interpreter_settings(env: dict[str, str]) -> dict[str, str]:
@@ -73,7 +72,7 @@ class Zygote:
 
     def __init__(self, env: dict[str, str]) -> None:
         """Start the zygote in ``env``: a worker's environment without launch keys."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
         self.settings = interpreter_settings(env)
         try:
             self._process = subprocess.Popen(
@@ -83,7 +82,7 @@ class Zygote:
         finally:
             theirs.close()
         ours.settimeout(_REPLY_TIMEOUT_S)
-        self._socket: socket.socket | None = ours
+        self._socket: _socket.socket | None = ours
         self._statuses: dict[int, int] = {}  # pid -> wait status, reported before asked for
 
     @property
@@ -102,6 +101,8 @@ class Zygote:
         try:
             # as Popen: cwd relative to ours now, and our stdout as it is now
             cwd = os.path.abspath(cwd) if cwd else os.getcwd()
+            import json
+
             request = json.dumps({"argv": argv, "env": env, "cwd": cwd}).encode()
             fds = [write_end, 1] if channel_fd is None else [write_end, 1, channel_fd]
             self._socket.sendmsg([request], [(*_SCM, array.array("i", fds))])
@@ -139,7 +140,7 @@ class Zygote:
         """One message; statuses are kept for :meth:`exit_status`."""
         if self._socket is None:
             raise ConnectionError("the zygote was closed")
-        data, ancillary, _, _ = self._socket.recvmsg(64, socket.CMSG_SPACE(4))
+        data, ancillary, _, _ = self._socket.recvmsg(64, _socket.CMSG_SPACE(4))
         if not data:
             raise ConnectionError(f"the zygote (pid {self.pid}) ended: {self._process.poll()}")
         message = data.decode()

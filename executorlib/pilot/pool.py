@@ -37,12 +37,11 @@ from __future__ import annotations
 
 import logging
 import math
+import select
 import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
-
-import zmq
 
 from executorlib import serialize
 from executorlib.dependencies import settle
@@ -81,7 +80,7 @@ class PilotScheduler(Retirement, Scheduler):
         self._status_due: float | None = time.monotonic()  # when to write status.json next
         self._status_written = -math.inf
         self._alarm = Alarm()
-        self._poller.register(self._alarm.fd, zmq.POLLIN)
+        self._poller.register(self._alarm.fd, select.POLLIN)
 
     # ----------------------------------------------------------------- any thread
     def resize(self, max_workers: int) -> None:
@@ -173,7 +172,7 @@ class PilotScheduler(Retirement, Scheduler):
         job.cancel_reason = why
         try:
             self._socket.send(worker.peer, protocol.STOP)
-        except zmq.ZMQError:
+        except OSError:  # ConnectionError: its connection is gone
             job.stop(why)
         job.kick()
 
