@@ -188,7 +188,7 @@ def channel(transport: str, shm: bool = True):
     pair they get by default, or (benchmark switches, never set elsewhere) the ROUTER
     every other worker uses, encrypted or not; and /dev/shm for large buffers, or not."""
     auth._PLAINTEXT_FOR_BENCHMARKS = transport == "plaintext ZeroMQ"
-    private = LocalSpawner.private_channel
+    private = LocalSpawner.__dict__["private_channel"]  # the staticmethod itself
     if transport != "socket pair":
         LocalSpawner.private_channel = staticmethod(lambda resources: False)
     old = os.environ.get("EXECUTORLIB_NO_SHM")
