@@ -36,6 +36,7 @@ import zmq
 from executorlib import serialize
 from executorlib.interactive import protocol
 from executorlib.interactive.auth import CHUNK_BYTES, Gatekeeper, LaunchKeys, raise_fd_limit
+from executorlib.interactive.endpoints import outcome_frames
 from executorlib.interactive.shm import SharedMemory, fingerprint, valid_prefix
 
 CHUNKED = b"+"  # second byte of a kind frame: the frames that follow are chunked
@@ -104,8 +105,6 @@ class Router:
                 continue
             kind, frames = _unpack(first, *frames)
             if kind != protocol.HELLO:
-                from executorlib.interactive.endpoints import outcome_frames
-
                 return peer, kind, outcome_frames(peer, kind, frames)
         return None
 
