@@ -7,11 +7,10 @@ one. A worker is therefore sent a call ahead (so it never sits idle between call
 standard library's pool queues ahead the same way, and such a call counts as running
 and can no longer be cancelled) only where waiting behind it is harmless: in a pool of
 one worker, where no one else could run the call, or behind calls of functions whose
-last run here took under 5 ms (the manager measures each function's last service
-time). The same rule lets a long queue of such calls travel eight to a message, which
-halves the messages per call; each result still comes back on its own. (A call's
-time is the one its worker reports: on a busy machine the time until its result arrives
-is longer.)
+last run here took under 5 ms (as its worker reports it: on a busy machine the time
+until the result arrives is longer). The same rule lets a long queue of such calls
+travel eight to a message, which halves the messages per call; each result still comes
+back on its own.
 
 With more workers on this machine than it has cores, runnable workers only take CPU time
 from each other and from the manager thread (the kernel shares the cores out among all
@@ -21,6 +20,7 @@ with that many workers) rather than wake another, as long as their calls are sho
 that began under 5 ms ago. Otherwise, and at the latest 5 ms later, it goes to an idle
 worker, and with more busy workers than cores calls spread as usual: a function that
 was short and turns slow delays at most one call per core (and a batch), sent ahead.
+
 When a worker dies, the call it was running fails; calls sent ahead that it never
 started go back to the queue (scheduler.py).
 
