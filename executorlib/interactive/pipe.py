@@ -56,6 +56,19 @@ def message_buffers(kind: bytes, frames: list) -> list:
     return [_HEAD.pack(kind, len(views)) + lengths, *(view for view in views if view)]  # none empty
 
 
+def send_all(sock: socket.socket, buffers: deque) -> None:
+    """``sendmsg`` the queued ``buffers`` (dropping what was sent, a partly sent one
+    trimmed) until none is left; a non-blocking socket that is full raises
+    ``BlockingIOError`` with the rest still queued."""
+    while buffers:
+        sent = sock.sendmsg([buffers[i] for i in range(min(len(buffers), _MAX_IOV))])
+        while sent:
+            if sent < len(buffers[0]):
+                buffers[0] = memoryview(buffers[0])[sent:]
+                break
+            sent -= len(buffers.popleft())
+
+
 class Parser:
     """Complete messages out of a byte stream fed in pieces."""
 
@@ -134,18 +147,10 @@ class PipePeer:
 
     def flush(self) -> bool:
         """Send queued buffers until the socket is full; True while some wait."""
-        outbox = self.outbox
-        while outbox:
-            buffers = list(outbox) if len(outbox) <= _MAX_IOV else [outbox[i] for i in range(_MAX_IOV)]
-            try:
-                sent = self.sock.sendmsg(buffers)
-            except BlockingIOError:
-                return True
-            while sent:
-                if sent < len(outbox[0]):
-                    outbox[0] = memoryview(outbox[0])[sent:]
-                    break
-                sent -= len(outbox.popleft())
+        try:
+            send_all(self.sock, self.outbox)
+        except BlockingIOError:
+            return True
         return False
 
     def close(self) -> None:
@@ -243,10 +248,4 @@ class PipeConnection:
 
     def _send_all(self, buffers: list) -> None:
         with self._send_lock:
-            while buffers:
-                sent = self.sock.sendmsg(buffers[:_MAX_IOV])
-                while sent:
-                    if sent < len(buffers[0]):
-                        buffers[0] = memoryview(buffers[0])[sent:]
-                        break
-                    sent -= len(buffers.pop(0))
+            send_all(self.sock, deque(buffers))
