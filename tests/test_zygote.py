@@ -132,3 +132,54 @@ def test_the_zygote_and_its_workers_die_with_the_callers_process():
         caller.wait()
     gone, alive = psutil.wait_procs(processes, timeout=40)  # a worker: within 16 s
     assert not alive
+
+
+def _descriptor_targets(pid: int) -> set[str]:
+    targets = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            targets.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return targets
+
+
+def test_the_zygote_and_its_workers_hold_no_descriptor_the_caller_left_inheritable():
+    """The zygote starts by posix_spawn, which (unlike Popen) passes on every descriptor
+    not marked close-on-exec: it closes them itself."""
+    read_end, write_end = os.pipe()
+    os.set_inheritable(read_end, True)
+    os.set_inheritable(write_end, True)
+    try:
+        leaked = f"pipe:[{os.fstat(read_end).st_ino}]"
+        with Executor(max_cores=1) as exe:
+            worker_pid = exe.submit(os.getpid).result(timeout=60)
+            zygote_fds = _descriptor_targets(_the_zygote().pid)
+            worker_fds = exe.submit(_descriptor_targets, "self").result(timeout=60)
+        assert worker_pid and leaked not in zygote_fds and leaked not in worker_fds
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def _leave_work_for_the_exit(folder: str) -> None:
+    """State that only the worker's interpreter shutdown writes out: an open file kept
+    alive (flushed as its module is torn down) and an atexit handler."""
+    import atexit
+    import builtins
+
+    builtins._executorlib_test_file = open(os.path.join(folder, "kept"), "w")  # noqa: SIM115
+    builtins._executorlib_test_file.write("kept open")
+    atexit.register(_write, os.path.join(folder, "atexit"), "ran")
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as file:
+        file.write(text)
+
+
+def test_a_worker_that_ends_still_flushes_its_files_and_runs_its_atexit_handlers(tmp_path):
+    """The worker shortens its interpreter's shutdown (gc.freeze after one collection):
+    nothing the interpreter's own shutdown would write out may be lost."""
+    with Executor(max_cores=1) as exe:
+        exe.submit(_leave_work_for_the_exit, str(tmp_path)).result(timeout=60)
+    contents = {name: (tmp_path / name).read_text() for name in ("kept", "atexit")}
+    assert contents == {"kept": "kept open", "atexit": "ran"}

@@ -17,15 +17,15 @@ parent-death signal: worker.die_with_parent).
 
 from __future__ import annotations
 
+import _socket  # not ``socket``: its enum set-up would delay every first worker
 import array
 import json
 import os
 import select
-import socket
 import sys
 
 _REQUEST_BYTES = 1 << 22  # argv + environment of one launch
-_SCM = socket.SOL_SOCKET, socket.SCM_RIGHTS
+_SCM = _socket.SOL_SOCKET, _socket.SCM_RIGHTS
 
 
 def _caller_pidfd() -> int:
@@ -40,7 +40,7 @@ def _caller_pidfd() -> int:
 class Zygote:
     """The fork loop; :meth:`serve` returns only in a forked child (its ``-c`` code)."""
 
-    def __init__(self, control: socket.socket, caller: int) -> None:
+    def __init__(self, control: _socket.socket, caller: int) -> None:
         self.control, self.caller = control, caller
         self.children: dict[int, int] = {}  # pidfd -> pid, until reaped
         self.poller = select.poll()
@@ -49,21 +49,26 @@ class Zygote:
 
     def serve(self) -> str | None:
         """Fork on each request, reap children; None once the executor hung up. The
-        first idle moment imports cloudpickle (what calls by value need): the first
-        request, often waiting already, does not wait for it."""
+        first idle moment imports cloudpickle (what calls by value need) and ctypes (a
+        worker's parent-death signal), then says "P": the first request, often waiting
+        already, does not wait for them, and the executor starts no spare worker before
+        "P" (a fork would wait for these imports on its manager thread)."""
         preloaded = False
         while True:
             events = self.poller.poll(None if preloaded else 0)
             if not events and not preloaded:
+                import ctypes  # noqa: F401  (worker.die_with_parent)
+
                 import cloudpickle  # noqa: F401
 
                 preloaded = True
+                self.control.send(b"P")  # forks answer at once from now on
             for fd, _ in events:
                 if fd == self.caller:
                     return None  # the executor's process ended
                 if fd != self.control.fileno():
                     self._reap(fd)
-                elif not self.control.recv(1, socket.MSG_PEEK):
+                elif not self.control.recv(1, _socket.MSG_PEEK):
                     return None  # the executor closed its end
                 elif (code := self._fork()) is not None:
                     return code
@@ -94,7 +99,7 @@ class Zygote:
         """In the child: take the request, drop everything of the zygote, set up the
         process as ``subprocess.Popen`` would (new session, stdin from /dev/null, the
         executor's stdout, a stderr pipe to the executor)."""
-        data, ancillary, _, _ = self.control.recvmsg(_REQUEST_BYTES, socket.CMSG_SPACE(12))
+        data, ancillary, _, _ = self.control.recvmsg(_REQUEST_BYTES, _socket.CMSG_SPACE(12))
         os.setsid()  # before the executor learns our pid: it stops us with killpg
         os.close(consumed)
         self.control.close()
@@ -120,8 +125,11 @@ class Zygote:
 
 
 def main() -> None:
+    fd = int(sys.argv[1])
+    os.closerange(3, fd)  # what else the executor's process let us inherit (posix_spawn)
+    os.closerange(fd + 1, os.sysconf("SC_OPEN_MAX"))
     caller = _caller_pidfd()
-    control = socket.socket(fileno=int(sys.argv[1]))
+    control = _socket.socket(fileno=fd)
     import executorlib.backend.interactive_serial  # noqa: F401  (what every worker imports)
 
     code = Zygote(control, caller).serve()

@@ -19,7 +19,9 @@ if TYPE_CHECKING:
 
 class Spawner(Protocol):
     """Starts workers: local processes, srun steps, Flux jobs. A spawner may have a
-    ``stop_helpers()`` method: the manager thread calls it last (the local zygote)."""
+    ``stop_helpers()`` method: the manager thread calls it last (the local zygote); one
+    with ``spares = True`` has ``can_start_spare()``: whether a worker starts now
+    without keeping the manager thread waiting (per_task.py asks before each spare)."""
 
     bind_host: str
     name: str

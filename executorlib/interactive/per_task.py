@@ -3,8 +3,9 @@
 Calls start in submission order while ``sum(cores * threads_per_core) <= max_cores``;
 the rest wait in the queue (the manager thread sleeps in its poll; nothing spins). While
 cores are free and nothing waits, spare workers with the executor's default resources
-are started ahead (up to two, one at a time: a second spare's start would delay the
-first's answer, on the manager thread), so the next call finds a process that has already booted;
+are started ahead (up to two, one at a time, and only while no other worker boots: a
+spare's start would delay the booting worker's answer, on the manager thread, and take
+the cores it boots on), so the next call finds a process that has already booted;
 a spare still serves exactly one call, and spares give their cores back at once when a
 call needs them. Only spawners that declare ``spares = True`` get them (local processes):
 inside an allocation an idle spare step would hold CPUs that a nested executor needs.
@@ -75,7 +76,8 @@ class PerTaskScheduler(Scheduler):
         while (
             self._keep_spares and len(self._spares) < _SPARES and not self._stopping
             and self._used + self._default.slots <= self._max_cores
-            and all(spare.peer is not None for spare in self._spares)  # one boots at a time
+            and all(worker.peer is not None for worker in self._workers.values())  # one boots at a time
+            and self._spawner.can_start_spare()
         ):
             self._used += self._default.slots
             spare = self._spawn(self._default)

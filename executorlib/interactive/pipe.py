@@ -18,10 +18,10 @@ until the manager's poll says it can (``POLLOUT``).
 
 from __future__ import annotations
 
+import _socket  # not ``socket``: its enum set-up is ~2 ms of every worker's start-up
 import contextlib
 import os
 import select
-import socket
 import struct
 import threading
 from collections import deque
@@ -38,11 +38,11 @@ _MAX_IOV = 512  # frames per sendmsg (the kernel takes at most IOV_MAX = 1024 bu
 _SOCKET_BUFFER = 4 << 20  # fewer partial writes to a worker busy with a long call
 
 
-def pair() -> tuple[socket.socket, socket.socket]:
+def pair() -> tuple[_socket.socket, _socket.socket]:
     """(the executor's end, the worker's end); neither is inherited by any exec."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
     for end in (ours, theirs):
-        end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
+        end.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDBUF, _SOCKET_BUFFER)
     ours.setblocking(False)
     return ours, theirs
 
@@ -56,7 +56,7 @@ def message_buffers(kind: bytes, frames: list) -> list:
     return [_HEAD.pack(kind, len(views)) + lengths, *(view for view in views if view)]  # none empty
 
 
-def send_all(sock: socket.socket, buffers: deque) -> None:
+def send_all(sock: _socket.socket, buffers: deque) -> None:
     """``sendmsg`` the queued ``buffers`` (dropping what was sent, a partly sent one
     trimmed) until none is left; a non-blocking socket that is full raises
     ``BlockingIOError`` with the rest still queued."""
@@ -111,7 +111,7 @@ class PipePeer:
         "routing_id", "worker_id", "host", "pid", "shm", "seconds", "sock", "parser", "outbox", "hello",
     )
 
-    def __init__(self, worker_id: int, sock: socket.socket) -> None:
+    def __init__(self, worker_id: int, sock: _socket.socket) -> None:
         self.routing_id = None
         self.worker_id, self.host, self.pid = worker_id, "localhost", 0
         self.shm: SharedMemory | None = None
@@ -165,7 +165,7 @@ class PipeConnection:
     def __init__(self, address: str, worker_id: int, timeout_s: float) -> None:
         fd = int(address[len(ADDRESS_PREFIX):])
         os.set_inheritable(fd, False)  # nothing a call starts may hold our channel
-        self.sock = socket.socket(fileno=fd)
+        self.sock = _socket.socket(fileno=fd)
         self.address = address
         self.shm: SharedMemory | None = None
         self._parser = Parser()
@@ -220,7 +220,7 @@ class PipeConnection:
     def close(self) -> None:
         """Hang up (the executor reads EOF at once, whoever else holds the descriptor)."""
         with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
+            self.sock.shutdown(_socket.SHUT_RDWR)
         self.sock.close()
 
     def _next(self) -> tuple[bytes, list]:

@@ -195,6 +195,11 @@ class LocalSpawner:
                 self.stop_helpers()
         return WorkerProcess(argv, env, resources.cwd, channel_fd=launch.channel_fd)
 
+    def can_start_spare(self) -> bool:
+        """False while the zygote imports what it loads once idle: a fork would wait
+        for it on the manager thread (a later poll's wake-up asks again)."""
+        return self._zygote is None or not self._use_zygote or self._zygote.preloaded()
+
     def _zygote_for(self, argv: list[str], env: dict[str, str]) -> Zygote | None:
         """The executor's zygote, if it has one and it can start this worker."""
         zygote = self._zygote
