@@ -76,6 +76,10 @@ class CallEncoder:
     """Executor side: frames for a call, reusing function pickles while they are valid."""
 
     def __init__(self) -> None:
+        # Nearly every first call needs cloudpickle (a function from __main__, a builtin):
+        # loading it now, while the workers boot, keeps it off that call's way.
+        import cloudpickle  # noqa: F401
+
         self._functions: OrderedDict[int, tuple[Callable[[], Any], tuple, bytes]] = OrderedDict()
 
     def encode(self, fn: Callable, args: tuple, kwargs: dict) -> list:
