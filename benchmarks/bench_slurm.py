@@ -25,6 +25,8 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
+from startup_rows import byte_compile_executorlib
+
 from executorlib import Executor
 
 
@@ -84,6 +86,7 @@ def block(backend: str, calls: int) -> float:
 
 def main(quick: bool) -> None:
     repeat, calls = (5, 500) if quick else (20, 2000)
+    byte_compile_executorlib()  # as an installed wheel has it (startup_rows.py)
     bare = bare_step_ms(repeat)
     floor = bare_step_ms(repeat, sys.executable, "-c", "pass")
     srun, local = "slurm_allocation", "local"

@@ -80,7 +80,7 @@ def startup_rows(quick: bool) -> list[Row]:
     """Executor creation + first result in a fresh interpreter, ours beside the stdlib
     pool with the spawn, forkserver and fork start methods, and the floor."""
     repeat = 3 if quick else 9
-    _byte_compile_executorlib()
+    byte_compile_executorlib()
     scripts = {"ours": _SCRIPT.format(imports=_OURS[0], executor=_OURS[1])}
     for method in ("spawn", "forkserver", "fork"):
         scripts[method] = _SCRIPT.format(imports=_STDLIB[0], executor=_STDLIB[1].format(method=method))
@@ -101,7 +101,7 @@ def startup_rows(quick: bool) -> list[Row]:
     return rows
 
 
-def _byte_compile_executorlib() -> None:
+def byte_compile_executorlib() -> None:
     """Write executorlib's bytecode, as installing a wheel does: in a checkout (an
     editable install) run with PYTHONDONTWRITEBYTECODE=1 every fresh interpreter would
     compile our modules from source, while the standard library's are compiled."""

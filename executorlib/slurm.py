@@ -252,6 +252,7 @@ class SrunSpawner:
     """Workers as srun steps of one allocation (``Spawner`` protocol)."""
 
     spares = False  # an idle spare step would hold CPUs a nested executor needs
+    host_socket = True  # a step on the executor's node talks over a Unix socket (host_socket.py)
 
     def __init__(self, settings: SrunSettings, bind_host: str) -> None:
         self.settings = settings

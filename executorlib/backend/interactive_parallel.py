@@ -11,7 +11,7 @@ import sys
 from mpi4py import MPI
 
 from executorlib import serialize
-from executorlib.interactive.auth import KEYS_ENV
+from executorlib.interactive.protocol import KEYS_ENV
 from executorlib.interactive.worker import Preload, connect_from_argv, die_with_parent, run_call, serve
 
 COMM = MPI.COMM_WORLD

@@ -1,9 +1,11 @@
 """The manager thread's ends of every worker's channel, and the one poll that watches them.
 
-Local serial workers talk over socket pairs (pipe.py); every other worker (MPI ranks,
-srun steps, Flux jobs, pilot jobs, containers) over the executor's ZeroMQ ROUTER
-(channel.py), which is bound, and ZeroMQ imported, only when the first such worker is
-launched: an executor of local serial workers opens no port and never loads ZeroMQ.
+Local serial workers talk over socket pairs (pipe.py); srun steps on this machine over
+a Unix socket in a private directory (host_socket.py), read the same way; every other
+worker (MPI ranks, steps on other nodes, Flux jobs, pilot jobs, containers) over the
+executor's ZeroMQ ROUTER (channel.py), which is bound, and ZeroMQ imported, only when
+the first such worker is launched: an executor of local serial workers opens no port
+and never loads ZeroMQ.
 
 :class:`Poller` is ``epoll`` plus that ROUTER, polled through its ``ZMQ_FD``. That
 descriptor only says "the socket's state may have changed": the ROUTER counts as
@@ -20,6 +22,7 @@ import socket
 from typing import TYPE_CHECKING, Any
 
 from executorlib.interactive import pipe, protocol
+from executorlib.interactive.host_socket import UNIDENTIFIED, HostListener
 from executorlib.interactive.pipe import PipePeer
 from executorlib.interactive.shm import SharedMemory, fingerprint, owner_prefix, sweep_stale
 
@@ -91,7 +94,9 @@ class ExecutorSocket:
     def __init__(self, host: str, poller: Poller) -> None:
         self._host, self._poller = host, poller
         self._router: Router | None = None
-        self.pipes: dict[int, PipePeer] = {}  # fd -> worker on a socket pair
+        self._listener: HostListener | None = None  # the same-host socket (host_socket.py)
+        self._listener_failed = False
+        self.pipes: dict[int, PipePeer] = {}  # fd -> worker on a socket pair or the same-host socket
         self._fingerprint = fingerprint()
         self._shm_prefix = f"{owner_prefix()}{os.urandom(6).hex()}-"
         if self._fingerprint:
@@ -124,6 +129,35 @@ class ExecutorSocket:
         self.address  # noqa: B018  (binds the ROUTER and starts its gatekeeper)
         return self._router.launch_keys(worker_id)
 
+    def host_address(self, worker_id: int) -> tuple[str, LaunchKeys]:
+        """(address, keys) for a worker that may run on this machine or another
+        (host_socket.py): the same-host socket, else the ROUTER."""
+        keys = self.launch_keys(worker_id)
+        if self._listener is None and not self._listener_failed:
+            try:
+                self._listener = HostListener(self.address)
+            except OSError:  # e.g. a temporary directory whose path is too long
+                self._listener_failed = True
+                return self.address, keys
+            self._poller.register(self._listener.fileno(), POLLIN)
+        if self._listener is None:
+            return self.address, keys
+        self._listener.expect(worker_id, keys.to_env())
+        return self._listener.address, keys
+
+    @property
+    def listener_fd(self) -> int:
+        """The same-host socket's descriptor (-1: none)."""
+        return -1 if self._listener is None else self._listener.fileno()
+
+    def accept(self) -> None:
+        """Connections on the same-host socket: polled as socket pairs, unidentified
+        until their HELLO (:meth:`read_pipe`)."""
+        for conn in self._listener.accept():
+            peer = PipePeer(UNIDENTIFIED, conn)
+            self.pipes[peer.fileno()] = peer
+            self._poller.register(peer.fileno(), POLLIN)
+
     def receive(self) -> tuple[Peer, bytes, list] | None:
         """One message of the ROUTER without blocking (channel.Router.receive)."""
         return self._router.receive()
@@ -145,7 +179,7 @@ class ExecutorSocket:
         for kind, frames in messages:
             if not peer.hello:
                 try:
-                    welcome = kind == protocol.HELLO and len(frames) == 4 and self._welcome(peer, frames)
+                    welcome = kind == protocol.HELLO and self._welcome(peer, frames)
                 except OSError:  # it hung up right after its HELLO
                     welcome = False
                 if not welcome:
@@ -156,7 +190,14 @@ class ExecutorSocket:
         return out, closed
 
     def _welcome(self, peer: PipePeer, frames: list) -> bool:
-        worker_id, host, pid, shm_fingerprint = frames
+        if peer.worker_id == UNIDENTIFIED:  # on the same-host socket: the launch's proof
+            admitted = self._listener.admit(frames[0], frames[4]) if len(frames) == 5 else None
+            if admitted is None:
+                return False
+            peer.worker_id = admitted
+        elif len(frames) != 4:
+            return False
+        worker_id, host, pid, shm_fingerprint = frames[:4]
         if worker_id != str(peer.worker_id).encode() or not pid.isdigit():
             return False
         peer.hello, peer.host, peer.pid = True, host.decode(errors="replace"), int(pid)
@@ -184,6 +225,8 @@ class ExecutorSocket:
         it are dropped, and the shared-memory files it or we left unread are removed."""
         if self._router is not None:
             self._router.forget(worker_id, peer)
+        if self._listener is not None:
+            self._listener.forget(worker_id)
         for pipe_peer in [p for p in self.pipes.values() if p.worker_id == worker_id]:
             self.close_pipe(pipe_peer)
         if peer is not None and peer.shm is not None:
@@ -200,6 +243,9 @@ class ExecutorSocket:
             self.close_pipe(peer)
         if self._router is not None:
             self._router.close()
+        if self._listener is not None:
+            self._poller.unregister(self._listener.fileno())
+            self._listener.close()
         SharedMemory(self._shm_prefix).sweep()  # workers that never said goodbye
 
 

@@ -36,6 +36,7 @@ _LENGTH = struct.Struct("<Q")
 _RECV_BYTES = 1 << 20
 _MAX_IOV = 512  # frames per sendmsg (the kernel takes at most IOV_MAX = 1024 buffers)
 _SOCKET_BUFFER = 4 << 20  # fewer partial writes to a worker busy with a long call
+_MAX_HELLO_BYTES, _MAX_HELLO_FRAMES = 4096, 8  # a HELLO is far smaller
 
 
 def pair() -> tuple[_socket.socket, _socket.socket]:
@@ -103,6 +104,13 @@ class Parser:
         """Whether part of a message is buffered."""
         return bool(self._buffer)
 
+    def implausible_hello(self) -> bool:
+        """Whether what is buffered cannot be the start of a HELLO (a few short frames):
+        a connection that has not said HELLO gets no more of our memory than that."""
+        if len(self._buffer) > _MAX_HELLO_BYTES:
+            return True
+        return len(self._buffer) >= _HEAD.size and _HEAD.unpack_from(self._buffer)[1] > _MAX_HELLO_FRAMES
+
 
 class PipePeer:
     """The executor's view of a worker on a socket pair (the manager thread's only)."""
@@ -137,6 +145,8 @@ class PipePeer:
                 closed = True
                 break
             messages += self.parser.feed(data)
+            if not self.hello and not messages and self.parser.implausible_hello():
+                return messages, True
         return messages, closed
 
     def write(self, kind: bytes, frames: list) -> bool:
@@ -160,19 +170,19 @@ class PipePeer:
 
 class PipeConnection:
     """The worker's end (what channel.WorkerConnection is over ZeroMQ): say HELLO on the
-    inherited descriptor, await WELCOME, then receive and send messages (blocking)."""
+    inherited descriptor (or a same-host socket: host_socket.py, whose HELLO carries
+    ``proof``), await WELCOME, then receive and send messages (blocking)."""
 
-    def __init__(self, address: str, worker_id: int, timeout_s: float) -> None:
-        fd = int(address[len(ADDRESS_PREFIX):])
-        os.set_inheritable(fd, False)  # nothing a call starts may hold our channel
-        self.sock = _socket.socket(fileno=fd)
+    def __init__(self, sock: _socket.socket, address: str, worker_id: int, timeout_s: float,
+                 proof: bytes = b"") -> None:
+        self.sock = sock
         self.address = address
         self.shm: SharedMemory | None = None
         self._parser = Parser()
         self._inbox: deque[tuple[bytes, list]] = deque()
         self._send_lock = threading.Lock()
         fields = [str(worker_id).encode(), os.uname().nodename.encode(), str(os.getpid()).encode()]
-        self._send(protocol.HELLO, [*fields, fingerprint()])
+        self._send(protocol.HELLO, [*fields, fingerprint(), *([proof] if proof else [])])
         if not self.poll(int(timeout_s * 1000)):
             raise TimeoutError(f"no answer from the executor on {address} within {timeout_s:g} s")
         kind, frames = self._next()
@@ -181,6 +191,13 @@ class PipeConnection:
         prefix = frames[0].decode(errors="replace")
         if prefix and valid_prefix(prefix):
             self.shm = SharedMemory(prefix)
+
+    @classmethod
+    def inherited(cls, address: str, worker_id: int, timeout_s: float) -> PipeConnection:
+        """On the socket pair's end named by ``address`` (``fd:N``)."""
+        fd = int(address[len(ADDRESS_PREFIX):])
+        os.set_inheritable(fd, False)  # nothing a call starts may hold our channel
+        return cls(_socket.socket(fileno=fd), address, worker_id, timeout_s)
 
     def poll(self, timeout_ms: int) -> bool:
         """Whether a message (or the executor's hang-up) is waiting, within ``timeout_ms``."""

@@ -199,12 +199,15 @@ class Scheduler:
                 self._inbox.signalled = False  # the loop takes the inbox next
         elif (peer := self._socket.pipes.get(source)) is not None:
             self._on_pipe(peer, mask)
+        elif source == self._socket.listener_fd:
+            self._socket.accept()
         elif (worker := self._fd_owner.get(source)) and worker.process.on_readable(source):
             self._on_exit(worker)
 
     def _on_pipe(self, peer: PipePeer, mask: int) -> None:
-        """Activity on a local worker's socket pair: room to send, messages, its close
-        (a worker that closed its end is stopped: its process end follows)."""
+        """Activity on a local worker's socket pair (or same-host socket): room to send,
+        messages, its close (a local worker that closed its end is stopped, an srun step
+        is not: srun ends with it and reports how; either way its process end follows)."""
         closed = False
         if mask & POLLOUT:
             try:
@@ -219,7 +222,12 @@ class Scheduler:
         if closed:
             self._socket.close_pipe(peer)
             worker = self._workers.get(peer.worker_id)
-            if worker is not None and not worker.stopping:
+            if worker is None or worker.stopping:
+                return
+            if getattr(self._spawner, "host_socket", False):  # an srun step ends by itself
+                worker.stopping = True  # once its task has: srun then says how it ended
+                self._on_connection_lost(worker)
+            else:
                 self._lose(worker)
 
     def run_in_manager(self, action: Callable[[], None]) -> None:
@@ -257,6 +265,9 @@ class Scheduler:
         if private is not None and private(resources):  # a socket pair: pipe.py
             peer, theirs = self._socket.open_pipe(worker_id)
             launch = Launch(f"{ADDRESS_PREFIX}{theirs.fileno()}", worker_id, resources, None, theirs.fileno())
+        elif getattr(self._spawner, "host_socket", False):  # maybe on this machine: host_socket.py
+            address, keys = self._socket.host_address(worker_id)
+            launch = Launch(address, worker_id, resources, keys)
         else:
             launch = Launch(self._socket.address, worker_id, resources, self._socket.launch_keys(worker_id))
         try:
@@ -334,6 +345,8 @@ class Scheduler:
         if worker is None:
             return
         if kind == protocol.HELLO:
+            if worker.peer is not None:  # connected already (it has two ways: host_socket.py)
+                return
             worker.peer = peer
             self._on_connected(worker)
         elif kind == protocol.READY:

@@ -58,7 +58,9 @@ _DIE_WITH_PARENT_EXEC = (
 class Launch:
     """Everything needed to start one worker."""
 
-    address: str  # tcp://HOST:PORT, or fd:N (the socket pair's end it inherits: pipe.py)
+    # tcp://HOST:PORT; fd:N, the socket pair's end it inherits (pipe.py); or unix:...
+    # (host_socket.py)
+    address: str
     worker_id: int
     resources: Resources
     keys: LaunchKeys | None  # this launch's CurveZMQ keys (environment only); None for fd:N

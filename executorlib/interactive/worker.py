@@ -13,7 +13,7 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from executorlib import serialize
-from executorlib.interactive import private_env, protocol
+from executorlib.interactive import host_socket, private_env, protocol
 from executorlib.interactive.encoding import split_batch
 from executorlib.interactive.pipe import ADDRESS_PREFIX, PipeConnection
 
@@ -28,7 +28,8 @@ Runner = Callable[[list], Any]
 
 def connect_from_argv() -> WorkerConnection | PipeConnection:
     """Connect to the executor named in ``argv``: ``fd:N``, a socket pair's end this
-    worker inherited (pipe.py: ZeroMQ is not even imported), or a ZeroMQ address, with
+    worker inherited (pipe.py: ZeroMQ is not even imported), ``unix:...``, a socket on
+    this machine (host_socket.py; else its ZeroMQ address), or a ZeroMQ address, with
     the launch's keys from the environment (removed from it here, so nothing this
     worker starts inherits them)."""
     address, worker_id = sys.argv[1], int(sys.argv[2])
@@ -37,7 +38,11 @@ def connect_from_argv() -> WorkerConnection | PipeConnection:
     try:
         timeout_s = float(os.environ.get(CONNECT_TIMEOUT_ENV, "60"))
         if address.startswith(ADDRESS_PREFIX):
-            return PipeConnection(address, worker_id, timeout_s)
+            return PipeConnection.inherited(address, worker_id, timeout_s)
+        if address.startswith(host_socket.PREFIX):  # this machine's socket, else the ROUTER
+            connection, address = host_socket.connect(address, worker_id, timeout_s)
+            if connection is not None:
+                return connection
         from executorlib.interactive.auth import LaunchKeys
         from executorlib.interactive.channel import WorkerConnection
 
