@@ -97,6 +97,7 @@ class ExecutorSocket:
         self._listener: HostListener | None = None  # the same-host socket (host_socket.py)
         self._listener_failed = False
         self.pipes: dict[int, PipePeer] = {}  # fd -> worker on a socket pair or the same-host socket
+        self._scratch = pipe.receive_buffer()  # every peer's, read by the manager thread only
         self._fingerprint = fingerprint()
         self._shm_prefix = f"{owner_prefix()}{os.urandom(6).hex()}-"
         if self._fingerprint:
@@ -154,7 +155,7 @@ class ExecutorSocket:
         """Connections on the same-host socket: polled as socket pairs, unidentified
         until their HELLO (:meth:`read_pipe`)."""
         for conn in self._listener.accept():
-            peer = PipePeer(UNIDENTIFIED, conn)
+            peer = PipePeer(UNIDENTIFIED, conn, self._scratch)
             self.pipes[peer.fileno()] = peer
             self._poller.register(peer.fileno(), POLLIN)
 
@@ -166,7 +167,7 @@ class ExecutorSocket:
         """A socket pair for the local worker about to be launched as ``worker_id``:
         (our peer, polled from now on; the end the worker inherits, to close once started)."""
         ours, theirs = pipe.pair()
-        peer = PipePeer(worker_id, ours)
+        peer = PipePeer(worker_id, ours, self._scratch)
         self.pipes[peer.fileno()] = peer
         self._poller.register(peer.fileno(), POLLIN)
         return peer, theirs

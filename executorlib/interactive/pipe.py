@@ -33,10 +33,15 @@ from executorlib.interactive.shm import SharedMemory, fingerprint, valid_prefix
 ADDRESS_PREFIX = "fd:"
 _HEAD = struct.Struct("<cI")
 _LENGTH = struct.Struct("<Q")
-_RECV_BYTES = 1 << 20
+_RECV_BYTES = 1 << 20  # one receive buffer, reused: recv() would map and unmap a new one each time
 _MAX_IOV = 512  # frames per sendmsg (the kernel takes at most IOV_MAX = 1024 buffers)
 _SOCKET_BUFFER = 4 << 20  # fewer partial writes to a worker busy with a long call
 _MAX_HELLO_BYTES, _MAX_HELLO_FRAMES = 4096, 8  # a HELLO is far smaller
+
+
+def receive_buffer() -> bytearray:
+    """A buffer to receive into (a peer's messages are copied out of it at once)."""
+    return bytearray(_RECV_BYTES)
 
 
 def pair() -> tuple[_socket.socket, _socket.socket]:
@@ -117,10 +122,12 @@ class PipePeer:
 
     __slots__ = (
         "routing_id", "worker_id", "host", "pid", "shm", "seconds", "sock", "parser", "outbox", "hello",
+        "scratch",
     )
 
-    def __init__(self, worker_id: int, sock: _socket.socket) -> None:
+    def __init__(self, worker_id: int, sock: _socket.socket, scratch: bytearray) -> None:
         self.routing_id = None
+        self.scratch = scratch  # the receive buffer, shared by the executor's peers (one thread reads)
         self.worker_id, self.host, self.pid = worker_id, "localhost", 0
         self.shm: SharedMemory | None = None
         self.seconds: float | None = None  # how long its last call ran, as it reported
@@ -135,16 +142,17 @@ class PipePeer:
         messages, closed = [], False
         while True:
             try:
-                data = self.sock.recv(_RECV_BYTES)
+                size = self.sock.recv_into(self.scratch)
             except BlockingIOError:
                 break
             except OSError:
                 closed = True
                 break
-            if not data:
+            if not size:
                 closed = True
                 break
-            messages += self.parser.feed(data)
+            with memoryview(self.scratch) as view:
+                messages += self.parser.feed(view[:size])
             if not self.hello and not messages and self.parser.implausible_hello():
                 return messages, True
         return messages, closed
@@ -179,6 +187,7 @@ class PipeConnection:
         self.address = address
         self.shm: SharedMemory | None = None
         self._parser = Parser()
+        self._scratch = receive_buffer()
         self._inbox: deque[tuple[bytes, list]] = deque()
         self._send_lock = threading.Lock()
         fields = [str(worker_id).encode(), os.uname().nodename.encode(), str(os.getpid()).encode()]
@@ -243,12 +252,13 @@ class PipeConnection:
     def _next(self) -> tuple[bytes, list]:
         while not self._inbox:
             try:
-                data = self.sock.recv(_RECV_BYTES)
+                size = self.sock.recv_into(self._scratch)
             except OSError as error:
                 self._lost(error)
-            if not data:
+            if not size:
                 self._lost("end of file")
-            self._inbox.extend(self._parser.feed(data))
+            with memoryview(self._scratch) as view:
+                self._inbox.extend(self._parser.feed(view[:size]))
         return self._inbox.popleft()
 
     def _lost(self, why: object) -> None:
