@@ -11,7 +11,8 @@ Start-up is measured in a fresh interpreter per sample, the way a user's script 
 "excluding import" is t2 - t1 (executor creation, first result, shutdown), "including
 import" is t2 - t0. ``os.getpid`` travels by reference for both (no cloudpickle by value,
 and spawn's children import nothing of the script but its imports). Samples of all
-executors alternate, so load on the machine spreads evenly over them; medians are shown, and each one's fastest sample.
+executors alternate, so load on the machine spreads evenly over them; medians are
+shown, and each one's fastest sample.
 The floor is ``python -c "import zmq, cloudpickle"`` (wall time of the whole process,
 whose boot the in-script figures do not include: a generous floor).
 """
