@@ -137,10 +137,9 @@ class ExecutorSocket:
         if self._listener is None and not self._listener_failed:
             try:
                 self._listener = HostListener(self.address)
+                self._poller.register(self._listener.fileno(), POLLIN)
             except OSError:  # e.g. a temporary directory whose path is too long
                 self._listener_failed = True
-                return self.address, keys
-            self._poller.register(self._listener.fileno(), POLLIN)
         if self._listener is None:
             return self.address, keys
         self._listener.expect(worker_id, keys.to_env())
