@@ -76,7 +76,7 @@ class PerTaskScheduler(Scheduler):
         while (
             self._keep_spares and len(self._spares) < _SPARES and not self._stopping
             and self._used + self._default.slots <= self._max_cores
-            and all(worker.peer is not None for worker in self._workers.values())  # one boots at a time
+            and all(worker.peer is not None for worker in self._workers.values())  # none boots now
             and self._spawner.can_start_spare()
         ):
             self._used += self._default.slots
