@@ -148,9 +148,27 @@ class PoolScheduler(Scheduler):
                 task = self._pending.popleft()
                 if claim(task.future):
                     batch.append(task)
-            if not worker.tasks:
-                self._head_since[worker.worker_id] = time.monotonic()
             self._send_calls(worker, batch)
+
+    def _on_first_call(self, worker: Worker) -> None:
+        self._head_since[worker.worker_id] = time.monotonic()
+
+    def _lendable(self) -> Worker | None:
+        """An idle worker on a socket, unless the pool is broken or stopping, or (with
+        more workers than cores) each core already has a busy worker: then the next
+        call may belong behind one of them (:meth:`_least_busy`)."""
+        if self._broken is not None or self._stopping:
+            return None
+        idle = None
+        busy = 0
+        for worker in self._ready:
+            if worker.tasks:
+                busy += 1
+            elif idle is None and worker.peer is not None and worker.peer.routing_id is None:
+                idle = worker
+        if self._cores is not None and busy >= self._cores:
+            return None
+        return idle
 
     def _batch_size(self) -> int:
         """Calls per message: _MAX_BATCH while at least twice that many wait per worker

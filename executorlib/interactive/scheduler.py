@@ -3,8 +3,8 @@
 Data flow::
 
     submit() ── Task ──> inbox (deque) ──wake(eventfd)──┐
-    input futures done ─ callback ─> inbox ─────────────┤
-                                                        v
+    input futures done ─ callback ─> inbox ─────────────┤   (or straight to a lent
+                                                        v    idle worker: see below)
        manager thread: ONE poll over  [wake eventfd, every worker's pidfd, stderr
                                         pipe and socket pair (or the ROUTER)]
          inbox   -> cache lookup -> pending (FIFO) -> policy picks/starts a worker
@@ -16,6 +16,15 @@ Subclasses (pool.py, per_task.py) decide which worker runs what; this module own
 loop, the workers' bookkeeping and every way a call can end. The loop sleeps in one poll
 and is woken by events only; its timeouts are the grace period for workers to exit and
 a subclass's back-off before it starts a worker again.
+
+While the manager thread sleeps in its poll with nothing queued, it lends one idle
+worker on a socket (pipe.py, host_socket.py; never the ROUTER: ZeroMQ sockets are not
+thread-safe) to the submitting threads: the next call is encoded and sent to that worker
+by ``submit()`` itself, under the scheduler's lock, as the manager would have sent it,
+and the manager does not even wake up for it. A round trip then costs one thread wake-up
+less. The manager takes the worker back, under the same lock, whenever its poll returns,
+before it touches anything: so a lent worker, and all the state a send changes, is only
+ever in one thread's hands.
 
 Nothing that goes wrong with one call or one worker stops the loop: a call that cannot
 be pickled, a result or error that cannot be unpickled here (even by raising
@@ -38,7 +47,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from executorlib import serialize
-from executorlib.dependencies import settle, substitute, when_resolved
+from executorlib.dependencies import claim, settle, substitute, when_resolved
 from executorlib.errors import ExecutorShutdownError, WorkerDiedError, with_remote_traceback
 from executorlib.interactive import protocol
 from executorlib.interactive.encoding import CallEncoder, unpicklable_call
@@ -77,6 +86,7 @@ class Scheduler:
         self._stopping = False
         self._closed = False
         self._timer: float | None = None  # time.monotonic() at which to call _on_timer
+        self._lent: Worker | None = None  # an idle worker submit() may send to (under the lock)
         self._poller.register(self._inbox.fd, POLLIN)
         self._thread = threading.Thread(target=self._run, name="executorlib-manager", daemon=True)
         _LIVE.add(self)
@@ -132,16 +142,39 @@ class Scheduler:
         self._wake()
 
     def _post(self, item: Any) -> None:
+        failure = None
         with self._lock:
             if self._closed:  # the manager has ended: nothing may wait for it
-                if isinstance(item, Task):
-                    settle(item.future, exception=ExecutorShutdownError(
-                        f"{item.name} arrived after the executor had shut down"
-                    ))
-                return
-            self._inbox.items.append(item)
-            if not self._inbox.signalled:  # else the manager has yet to take the inbox
-                self._signal()
+                if not isinstance(item, Task):
+                    return
+                failure = ExecutorShutdownError(f"{item.name} arrived after the executor had shut down")
+            elif self._lent is not None and isinstance(item, Task) and not self._inbox.items:
+                failure = self._send_lent(item)
+            else:
+                self._inbox.items.append(item)
+                if not self._inbox.signalled:  # else the manager has yet to take the inbox
+                    self._signal()
+        if failure is not None:  # outside the lock: the future's callbacks may submit
+            settle(item.future, exception=failure)
+
+    def _send_lent(self, task: Task) -> Exception | None:
+        """Send ``task`` to the lent worker from this (submitting) thread, under
+        ``self._lock``, while the manager waits in its poll (see the module docstring),
+        and lend the next idle worker, if the policy has one; the error to fail the
+        call with if it cannot be pickled."""
+        worker, self._lent = self._lent, None
+        failure = None
+        if claim(task.future):  # else cancelled already: nothing to run
+            try:
+                frames = self._encoder.encode(task.fn, task.args, task.kwargs)
+            except Exception as error:
+                failure = unpicklable_call(task.name, error)
+            else:
+                self._deliver(worker, [task], frames)
+        self._lent = self._lendable()
+        if self._pending:  # the connection was gone: the manager takes the call from here
+            self._signal()
+        return failure
 
     def _wake(self) -> None:
         with self._lock:
@@ -169,7 +202,10 @@ class Scheduler:
                     if not self._workers:
                         return
                     self._stop_idle_workers()
+                if not ending:
+                    self._lend()
                 events = self._poller.poll(_EXIT_GRACE_MS if ending else self._timer_ms())
+                self._take_back()
                 if not events and ending:
                     self._kill_all()  # workers that did not exit within the grace period
                 for source, mask in events:
@@ -183,6 +219,20 @@ class Scheduler:
             raise
         finally:
             self._close()
+
+    def _lend(self) -> None:
+        """Before the poll: lend an idle worker to submit() while nothing is queued."""
+        if not (self._pending or self._inbox.items):
+            worker = self._lendable()
+            if worker is not None:
+                with self._lock:
+                    self._lent = worker
+
+    def _take_back(self) -> None:
+        """After the poll: from here on the workers are the manager's alone again (a
+        send from submit() in progress has finished when this has the lock)."""
+        with self._lock:
+            self._lent = None
 
     def _timer_ms(self) -> int | None:
         if self._timer is None:
@@ -318,6 +368,8 @@ class Scheduler:
             self._send_call(worker, task)
 
     def _deliver(self, worker: Worker, tasks: list[Task], frames: list) -> bool:
+        if not worker.tasks:
+            self._on_first_call(worker)
         if not self._send(worker, protocol.CALL, frames):
             self._pending.extendleft(reversed(tasks))  # never reached the worker
             return False
@@ -426,6 +478,7 @@ class Scheduler:
             stop_helpers()
         with self._lock:
             self._closed = True
+            self._lent = None
             os.close(self._inbox.fd)
         self._socket.close()
         self._poller.close()
@@ -443,6 +496,14 @@ class Scheduler:
     def _schedule(self) -> None:
         """Start pending tasks on workers as the policy allows."""
         raise NotImplementedError
+
+    def _on_first_call(self, worker: Worker) -> None:
+        """A call is about to be sent to idle ``worker``."""
+
+    def _lendable(self) -> Worker | None:
+        """An idle worker on a socket that the next call may go to directly from
+        submit() (see the module docstring), or None: then it goes through the queue."""
+        return None
 
     def _on_connected(self, worker: Worker) -> None:
         raise NotImplementedError
