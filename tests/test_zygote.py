@@ -183,3 +183,24 @@ def test_a_worker_that_ends_still_flushes_its_files_and_runs_its_atexit_handlers
         exe.submit(_leave_work_for_the_exit, str(tmp_path)).result(timeout=60)
     contents = {name: (tmp_path / name).read_text() for name in ("kept", "atexit")}
     assert contents == {"kept": "kept open", "atexit": "ran"}
+
+
+def _signal_state() -> dict:
+    """This worker's SIGCHLD disposition and blocked signals, and whether a child it
+    starts is waited for as usual."""
+    return {
+        "sigchld": signal.getsignal(signal.SIGCHLD),
+        "blocked": signal.pthread_sigmask(signal.SIG_BLOCK, []),
+        "child": subprocess.run([sys.executable, "-c", "raise SystemExit(3)"], check=False).returncode,
+    }
+
+
+def test_a_forked_worker_gets_the_default_sigchld_handling_not_the_zygotes():
+    """The zygote reaps its children in a SIGCHLD handler and blocks SIGCHLD while it
+    forks: neither may reach a worker, whose own children would be reaped (and reported)
+    by the zygote's handler, or never signalled."""
+    with Executor(max_cores=2) as exe:
+        states = [exe.submit(_signal_state).result(timeout=60) for _ in range(4)]
+        exe.submit(_kill_myself)  # an ended worker is still reported: the next call runs
+        states.append(exe.submit(_signal_state).result(timeout=60))
+    assert states == [{"sigchld": signal.SIG_DFL, "blocked": set(), "child": 3}] * 5

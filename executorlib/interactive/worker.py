@@ -22,6 +22,10 @@ if TYPE_CHECKING:
 
 CONNECT_TIMEOUT_ENV = "EXECUTORLIB_CONNECT_TIMEOUT"
 _PARENT_DEATH_SIGNAL = 16  # SIGSTKFLT; also the seconds until SIGALRM (die_with_parent)
+# A worker started for a call gets it right after its HELLO; only a worker with nothing
+# for this long is idle (a spare), with time to import what calls by value need (~8 ms,
+# which would delay a call whose sender the machine kept waiting for a moment).
+_IDLE_AFTER_MS = 5
 # What runs a Call on this worker: one process, or every MPI rank (returning a list).
 Runner = Callable[[list], Any]
 
@@ -79,7 +83,7 @@ def serve(connection: WorkerConnection | PipeConnection, run: Runner, on_lost: C
     """Answer INIT and CALL messages until STOP; ``on_lost`` if the executor vanishes
     (its watchdog thread notices, or a socket pair's send or receive fails)."""
     connection.watch_executor(on_lost)
-    if not connection.poll(0):  # idle (a spare worker): load what calls by value need
+    if not connection.poll(_IDLE_AFTER_MS):  # idle (a spare): load what calls by value need
         import cloudpickle  # noqa: F401
     try:
         _serve(connection, run)
