@@ -80,6 +80,7 @@ class FluxSpawner:
 
     name = "flux"
     spares = False  # an idle spare job would hold cores a nested executor needs
+    host_socket = True  # a job on the executor's node talks over a Unix socket (host_socket.py)
 
     def __init__(self, settings: FluxSettings, flux_executor: Any = None) -> None:
         self._flux = load_flux(need_instance=flux_executor is None)

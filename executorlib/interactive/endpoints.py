@@ -1,11 +1,11 @@
 """The manager thread's ends of every worker's channel, and the one poll that watches them.
 
-Local serial workers talk over socket pairs (pipe.py); srun steps on this machine over
-a Unix socket in a private directory (host_socket.py), read the same way; every other
-worker (MPI ranks, steps on other nodes, Flux jobs, pilot jobs, containers) over the
-executor's ZeroMQ ROUTER (channel.py), which is bound, and ZeroMQ imported, only when
-the first such worker is launched: an executor of local serial workers opens no port
-and never loads ZeroMQ.
+Local serial workers talk over socket pairs (pipe.py); srun steps and Flux jobs on this
+machine over a Unix socket in a private directory (host_socket.py), read the same way;
+every other worker (local MPI ranks, steps and jobs on other nodes, pilot jobs,
+containers) over the executor's ZeroMQ ROUTER (channel.py), which is bound, and ZeroMQ
+imported, only when the first such worker is launched: an executor of local serial
+workers opens no port and never loads ZeroMQ.
 
 :class:`Poller` is ``epoll`` plus that ROUTER, polled through its ``ZMQ_FD``. That
 descriptor only says "the socket's state may have changed": the ROUTER counts as

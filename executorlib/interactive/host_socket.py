@@ -1,7 +1,8 @@
 """A same-host channel for workers that may or may not run on the executor's machine.
 
-An srun step may land on the executor's own node (every step of a one-node job does) or
-on another. Such a worker gets both ways back, in one argument::
+An srun step or a Flux job may land on the executor's own node (every step or job of a
+one-node allocation does) or on another. Such a worker gets both ways back, in one
+argument::
 
     unix:PATH@NODE|tcp://HOST:PORT
 

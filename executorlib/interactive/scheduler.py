@@ -257,7 +257,8 @@ class Scheduler:
     def _on_pipe(self, peer: PipePeer, mask: int) -> None:
         """Activity on a local worker's socket pair (or same-host socket): room to send,
         messages, its close (a local worker that closed its end is stopped, an srun step
-        is not: srun ends with it and reports how; either way its process end follows)."""
+        or Flux job is not: its launcher ends with it and reports how; either way its
+        process end follows)."""
         closed = False
         if mask & POLLOUT:
             try:
@@ -274,8 +275,8 @@ class Scheduler:
             worker = self._workers.get(peer.worker_id)
             if worker is None or worker.stopping:
                 return
-            if getattr(self._spawner, "host_socket", False):  # an srun step ends by itself
-                worker.stopping = True  # once its task has: srun then says how it ended
+            if getattr(self._spawner, "host_socket", False):  # a step or job ends by itself
+                worker.stopping = True  # once its task has: srun or Flux says how it ended
                 self._on_connection_lost(worker)
             else:
                 self._lose(worker)

@@ -254,3 +254,19 @@ def test_the_secret_is_not_in_the_jobspec_the_instance_owner_reads(tmp_path, mon
     secretish = [name for name, value in environment.items() if re.fullmatch(r"\S{80}", value)]
     assert secretish == []
     assert not directory.exists()  # removed at shutdown
+
+
+# ----------------------------------------------------------- same-node socket
+def test_jobs_on_this_node_talk_over_the_private_socket_without_zeromq():
+    """A Flux job on the executor's node connects to the executor's Unix socket
+    (executorlib/interactive/host_socket.py; who may connect: tests/allocation/
+    test_host_socket.py), not to the CurveZMQ ROUTER: a serial worker and MPI rank 0.
+    (The probes live in a module that imports no ZeroMQ, unlike this one.)"""
+    from channel_probe import channel_facts, ranks_facts
+
+    here = {"zmq": False, "node": os.uname().nodename, "keys": False}
+    with Executor(backend="flux_allocation", block_allocation=True, max_workers=1) as exe:
+        assert [exe.submit(channel_facts).result(timeout=90) for _ in range(3)] == [here] * 3
+    with Executor(backend="flux_allocation", pmi_mode="pmix") as exe:
+        size, facts = exe.submit(ranks_facts, resource_dict={"cores": 2}).result(timeout=90)[0]
+    assert (size, facts) == (2, here)
